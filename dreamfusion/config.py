@@ -1,0 +1,354 @@
+"""Typed, validated configuration for one SDS optimisation.
+
+Every leaf is addressable as ``section.key`` (``sds.guidance_scale``, ``optim.lr``), which is what
+``--set`` on the command line and the platform's search spaces use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from dreamfusion.errors import UserInputError
+
+
+@dataclass
+class FieldConfig:
+    levels: int = 8
+    features_per_level: int = 2
+    log2_table_size: int = 15
+    base_resolution: int = 16
+    max_resolution: int = 256
+    hidden_dim: int = 32
+    hidden_layers: int = 2
+    blob_density: float = 5.0
+    blob_radius: float = 0.5
+    blob_iters_fraction: float = 0.5
+    background: str = "learned"
+    background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        _positive(self, "levels", "features_per_level", "base_resolution", "hidden_dim", "hidden_layers")
+        _in_range(self, "log2_table_size", 8, 24)
+        if self.max_resolution < self.base_resolution:
+            raise UserInputError(
+                f"field.max_resolution ({self.max_resolution}) must be >= field.base_resolution "
+                f"({self.base_resolution})"
+            )
+        _non_negative(self, "blob_density")
+        _positive(self, "blob_radius")
+        _in_range(self, "blob_iters_fraction", 0.0, 1.0)
+        _choice(self, "background", ("learned", "fixed"))
+        _choice(self, "backend", ("auto", "torch", "triton", "tcnn"))
+        for channel in self.background_color:
+            if not 0.0 <= channel <= 1.0:
+                raise UserInputError("field.background_color channels must lie in [0, 1], e.g. 1,1,1")
+
+
+@dataclass
+class CameraConfig:
+    radius_range: tuple[float, float] = (2.0, 2.4)
+    elevation_range: tuple[float, float] = (-10.0, 70.0)
+    azimuth_range: tuple[float, float] = (-180.0, 180.0)
+    fov_range: tuple[float, float] = (40.0, 50.0)
+    light_jitter_degrees: float = 30.0
+    front_angle: float = 90.0
+    overhead_elevation: float = 60.0
+
+    def validate(self) -> None:
+        for name in ("radius_range", "elevation_range", "azimuth_range", "fov_range"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise UserInputError(f"camera.{name}: low ({low}) > high ({high}); write it as low,high")
+        if self.radius_range[0] <= 1.0:
+            raise UserInputError("camera.radius_range must stay outside the unit bounding sphere (> 1.0)")
+        if not (-90.0 <= self.elevation_range[0] and self.elevation_range[1] <= 90.0):
+            raise UserInputError("camera.elevation_range must lie within [-90, 90] degrees")
+        if not (0.0 < self.fov_range[0] and self.fov_range[1] < 180.0):
+            raise UserInputError("camera.fov_range must lie within (0, 180) degrees")
+        _in_range(self, "front_angle", 1.0, 359.0)
+        _in_range(self, "light_jitter_degrees", 0.0, 90.0)
+
+
+@dataclass
+class RenderConfig:
+    resolution: int = 32
+    samples_per_ray: int = 48
+    batch_size: int = 4
+    occupancy_grid: bool = True
+    occupancy_resolution: int = 32
+    occupancy_update_every: int = 16
+    occupancy_threshold: float = 0.05
+    shading_ratios: tuple[float, float, float] = (0.2, 0.5, 0.3)
+    albedo_warmup_fraction: float = 0.1
+    ambient: float = 0.3
+    diffuse: float = 0.7
+    textureless_albedo: float = 0.75
+
+    def validate(self) -> None:
+        _in_range(self, "resolution", 8, 1024)
+        _in_range(self, "samples_per_ray", 4, 1024)
+        _in_range(self, "batch_size", 1, 256)
+        _in_range(self, "occupancy_resolution", 4, 256)
+        _positive(self, "occupancy_update_every")
+        _non_negative(self, "occupancy_threshold")
+        if len(self.shading_ratios) != 3 or min(self.shading_ratios) < 0 or sum(self.shading_ratios) <= 0:
+            raise UserInputError(
+                "render.shading_ratios needs three non-negative weights (albedo, lambertian, textureless) "
+                "with a positive sum, e.g. 0.2,0.5,0.3"
+            )
+        _in_range(self, "albedo_warmup_fraction", 0.0, 1.0)
+        _in_range(self, "ambient", 0.0, 1.0)
+        _in_range(self, "diffuse", 0.0, 1.0)
+        _in_range(self, "textureless_albedo", 0.0, 1.0)
+
+
+@dataclass
+class SDSConfig:
+    guidance_scale: float = 20.0
+    t_min: float = 0.02
+    t_max: float = 0.98
+    t_max_final: float = 0.5
+    weighting: str = "sds"
+    view_dependent: bool = True
+    lambda_orientation: float = 0.01
+    lambda_opacity: float = 0.001
+    lambda_entropy: float = 0.0
+
+    def validate(self) -> None:
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise UserInputError(
+                f"sds.guidance_scale must be a finite number >= 0, got {self.guidance_scale}"
+            )
+        for name in ("t_min", "t_max", "t_max_final"):
+            _in_range(self, name, 0.0, 1.0, open_low=True)
+        if not self.t_min < self.t_max:
+            raise UserInputError(f"sds.t_min ({self.t_min}) must be < sds.t_max ({self.t_max})")
+        if not self.t_min < self.t_max_final <= self.t_max:
+            raise UserInputError("sds.t_max_final must lie in (sds.t_min, sds.t_max]")
+        _choice(self, "weighting", ("sds", "uniform", "sqrt"))
+        _non_negative(self, "lambda_orientation", "lambda_opacity", "lambda_entropy")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    mlp_lr_ratio: float = 0.1
+    lr_final_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.99)
+
+    def validate(self) -> None:
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise UserInputError(f"optim.lr must be a positive number, got {self.lr}")
+        _positive(self, "mlp_lr_ratio", "lr_final_ratio")
+        _non_negative(self, "weight_decay", "grad_clip")
+        for beta in self.betas:
+            if not 0.0 <= beta < 1.0:
+                raise UserInputError("optim.betas must lie in [0, 1), e.g. 0.9,0.99")
+
+
+@dataclass
+class GuidanceConfig:
+    backend: str = "synthetic"
+    model: str = ""
+    prior_resolution: int = 32
+    prior_views: int = 96
+    front_bias: float = 0.7
+
+    def validate(self) -> None:
+        _choice(self, "backend", ("synthetic",))
+        _in_range(self, "prior_resolution", 8, 256)
+        _in_range(self, "prior_views", 8, 4096)
+        _in_range(self, "front_bias", 0.0, 1.0)
+
+
+@dataclass
+class ExportConfig:
+    mesh_resolution: int = 96
+    video_frames: int = 36
+    video_resolution: int = 96
+    video_fps: int = 12
+
+    def validate(self) -> None:
+        _in_range(self, "mesh_resolution", 16, 512)
+        _in_range(self, "video_frames", 2, 720)
+        _in_range(self, "video_resolution", 16, 1024)
+        _in_range(self, "video_fps", 1, 120)
+
+
+@dataclass
+class Config:
+    prompt: str = "a red ball"
+    iterations: int = 400
+    seed: int = 0
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)
+    render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
+    sds: SDSConfig = dataclasses.field(default_factory=SDSConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+    def validate(self) -> Config:
+        if not self.prompt.strip():
+            raise UserInputError("the prompt is empty: give a text prompt, e.g. 'a red ball'")
+        if self.iterations < 1:
+            raise UserInputError(f"iterations must be >= 1, got {self.iterations}")
+        if self.seed < 0:
+            raise UserInputError(f"seed must be >= 0, got {self.seed}")
+        for section in _sections(self):
+            getattr(self, section).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"sds.guidance_scale": 20.0, ...}``: the form logged as parameters."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{inner}": v for inner, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        config = cls()
+        for key, value in _flatten(data).items():
+            set_value(config, key, value)
+        return config.validate()
+
+
+def _sections(config: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))]
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def known_keys() -> list[str]:
+    return sorted(Config().flat())
+
+
+def _resolve(config: Config, key: str) -> tuple[Any, str, Any]:
+    parts = key.split(".")
+    target: Any = config
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            break
+        target = getattr(target, part)
+    leaf = parts[-1]
+    fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+    if leaf not in fields or dataclasses.is_dataclass(getattr(target, leaf)) or len(parts) > 2:
+        raise UserInputError(f"unknown config key '{key}'; known keys: {', '.join(known_keys())}")
+    hints = typing.get_type_hints(type(target))
+    return target, leaf, hints[leaf]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    try:
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            types_ = typing.get_args(annotation)
+            if len(items) != len(types_):
+                raise ValueError(f"expected {len(types_)} comma-separated values")
+            return tuple(_coerce(key, item, t) for t, item in zip(types_, items, strict=True))
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if annotation is str:
+            if not isinstance(value, str | int | float):
+                raise ValueError("expected text")
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"bad value {value!r} for config key '{key}': {exc}") from None
+    raise AssertionError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def set_value(config: Config, key: str, value: Any) -> None:
+    target, leaf, annotation = _resolve(config, key)
+    setattr(target, leaf, _coerce(key, value, annotation))
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` strings (the CLI's ``--set``) and validate the result."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--set expects key=value, got '{override}' (e.g. --set sds.guidance_scale=30)")
+        set_value(config, key.strip(), value.strip())
+    return config.validate()
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise UserInputError(f"{_prefix(section)}{name} must be > 0, got {value}")
+
+
+def _non_negative(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserInputError(f"{_prefix(section)}{name} must be >= 0, got {value}")
+
+
+def _in_range(section: Any, name: str, low: float, high: float, open_low: bool = False) -> None:
+    value = getattr(section, name)
+    ok = math.isfinite(value) and (low < value if open_low else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise UserInputError(f"{_prefix(section)}{name} must lie in {bracket}{low}, {high}], got {value}")
+
+
+def _choice(section: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(section, name)
+    if value not in choices:
+        raise UserInputError(f"{_prefix(section)}{name} must be one of {', '.join(choices)}; got '{value}'")
+
+
+_SECTION_NAMES = {
+    FieldConfig: "field.",
+    CameraConfig: "camera.",
+    RenderConfig: "render.",
+    SDSConfig: "sds.",
+    OptimConfig: "optim.",
+    GuidanceConfig: "guidance.",
+    ExportConfig: "export.",
+}
+
+
+def _prefix(section: Any) -> str:
+    return _SECTION_NAMES.get(type(section), "")

@@ -1,0 +1,93 @@
+"""The NeRF being optimised: hash-grid features → MLP → log-density and albedo, plus a background."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dreamfusion.config import FieldConfig
+from dreamfusion.encoding import HashGridEncoding
+
+# Log-density is clamped before exp: beyond e^15 a sample is opaque anyway, and the clamp keeps
+# early steps from overflowing.
+MAX_LOG_DENSITY = 15.0
+
+
+def density_from_log(log_density: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_density.clamp(max=MAX_LOG_DENSITY))
+
+
+class RadianceField(nn.Module):
+    """Anything the renderer can draw: log-density and albedo at points, colour behind the scene.
+
+    Points live in the unit bounding sphere; directions are unit vectors.
+    """
+
+    def log_density_and_albedo(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def background(self, directions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _mlp(in_dim: int, hidden: int, layers: int, out_dim: int) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(layers):
+        modules += [nn.Linear(dim, hidden), nn.ReLU(inplace=False)]
+        dim = hidden
+    modules.append(nn.Linear(dim, out_dim))
+    return nn.Sequential(*modules)
+
+
+class NeRFField(RadianceField):
+    def __init__(self, config: FieldConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = HashGridEncoding(
+            levels=config.levels,
+            features_per_level=config.features_per_level,
+            log2_table_size=config.log2_table_size,
+            base_resolution=config.base_resolution,
+            max_resolution=config.max_resolution,
+        )
+        self.mlp = _mlp(self.encoder.output_dim, config.hidden_dim, config.hidden_layers, 4)
+        self.background_net = _mlp(3 * 2 * 4 + 3, 16, 1, 3) if config.background == "learned" else None
+        self.register_buffer("background_color", torch.tensor(config.background_color), persistent=False)
+        # Fraction of the density blob still applied; the trainer anneals it.
+        self.blob_scale = 1.0
+
+    def blob(self, points: torch.Tensor) -> torch.Tensor:
+        """DreamFusion's density bias at the centre: it gives SDS an object to shape from step one."""
+        if self.blob_scale <= 0.0 or self.config.blob_density == 0.0:
+            return torch.zeros_like(points[:, 0])
+        distance = points.norm(dim=-1)
+        return self.blob_scale * self.config.blob_density * (1.0 - distance / self.config.blob_radius)
+
+    def log_density_and_albedo(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder((points + 1.0) * 0.5)
+        out = self.mlp(features)
+        log_density = out[:, 0] + self.blob(points)
+        albedo = torch.sigmoid(out[:, 1:])
+        return log_density, albedo
+
+    def background(self, directions: torch.Tensor) -> torch.Tensor:
+        if self.background_net is None:
+            return self.background_color.to(directions.dtype).expand(directions.shape[0], 3)
+        return torch.sigmoid(self.background_net(_frequency_encode(directions, 4)))
+
+    def parameter_groups(self, lr: float, mlp_lr_ratio: float) -> list[dict]:
+        """Hash tables learn at ``lr``; the MLPs, which see every sample, at a fraction of it."""
+        mlp_params = list(self.mlp.parameters())
+        if self.background_net is not None:
+            mlp_params += list(self.background_net.parameters())
+        return [
+            {"params": [self.encoder.table], "lr": lr, "name": "encoding"},
+            {"params": mlp_params, "lr": lr * mlp_lr_ratio, "name": "mlp"},
+        ]
+
+
+def _frequency_encode(x: torch.Tensor, frequencies: int) -> torch.Tensor:
+    scales = 2.0 ** torch.arange(frequencies, dtype=x.dtype, device=x.device)
+    scaled = x[..., None, :] * scales[:, None]
+    return torch.cat([x, torch.sin(scaled).flatten(-2), torch.cos(scaled).flatten(-2)], dim=-1)

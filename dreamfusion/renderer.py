@@ -1,0 +1,187 @@
+"""Volume rendering inside the unit bounding sphere: sampling, occupancy skipping, shading, compositing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dreamfusion.cameras import CameraBatch, generate_rays
+from dreamfusion.field import RadianceField, density_from_log
+
+SHADING_MODES = ("albedo", "lambertian", "textureless")
+
+
+@dataclass
+class Shading:
+    mode: str = "lambertian"
+    ambient: float = 0.3
+    diffuse: float = 0.7
+    textureless_albedo: float = 0.75
+
+    def __post_init__(self) -> None:
+        if self.mode not in SHADING_MODES:
+            raise ValueError(f"unknown shading mode '{self.mode}'; choose one of {', '.join(SHADING_MODES)}")
+
+    @property
+    def needs_normals(self) -> bool:
+        return self.mode != "albedo"
+
+
+@dataclass
+class RenderOutput:
+    rgb: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    opacity: torch.Tensor  # [B, 1, H, W]
+    depth: torch.Tensor  # [B, 1, H, W]
+    normals: torch.Tensor | None  # [B, 3, H, W] world-space, composited; None when not computed
+    orientation_loss: torch.Tensor  # scalar
+    samples_evaluated: int
+    samples_total: int
+
+
+class OccupancyGrid(nn.Module):
+    """A coarse grid of density over [-1, 1]^3; samples in empty cells are never sent to the field.
+
+    Each update takes the density at one random point per cell and keeps ``max(decay * old, new)``;
+    the occupied set is dilated by one cell so surfaces can still grow into neighbouring space.
+    """
+
+    def __init__(self, resolution: int, threshold: float, decay: float = 0.95) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.threshold = threshold
+        self.decay = decay
+        self.register_buffer("density", torch.full((resolution,) * 3, float("inf")))
+        self.register_buffer("occupied", torch.ones((resolution,) * 3, dtype=torch.bool))
+
+    def cell_index(self, points: torch.Tensor) -> torch.Tensor:
+        cell = ((points + 1.0) * 0.5 * self.resolution).long().clamp(0, self.resolution - 1)
+        return (cell[..., 0] * self.resolution + cell[..., 1]) * self.resolution + cell[..., 2]
+
+    def query(self, points: torch.Tensor) -> torch.Tensor:
+        return self.occupied.reshape(-1)[self.cell_index(points)]
+
+    @torch.no_grad()
+    def update(self, field: RadianceField, generator: torch.Generator) -> None:
+        r = self.resolution
+        axis = torch.arange(r, dtype=torch.float32)
+        cells = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+        points = (cells + torch.rand(cells.shape, generator=generator)) / r * 2.0 - 1.0
+        log_density, _ = field.log_density_and_albedo(points)
+        fresh = density_from_log(log_density).reshape(r, r, r)
+        fresh = torch.where(points.norm(dim=-1).reshape(r, r, r) <= 1.0 + 2.0 / r, fresh, torch.zeros_like(fresh))
+        previous = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
+        self.density.copy_(torch.maximum(previous * self.decay, fresh))
+        dense = (self.density > self.threshold).float()[None, None]
+        self.occupied.copy_(F.max_pool3d(dense, kernel_size=3, stride=1, padding=1)[0, 0] > 0)
+
+    @property
+    def occupied_fraction(self) -> float:
+        return float(self.occupied.float().mean())
+
+
+def render(
+    field: RadianceField,
+    cameras: CameraBatch,
+    resolution: int,
+    samples_per_ray: int,
+    shading: Shading,
+    occupancy: OccupancyGrid | None = None,
+    generator: torch.Generator | None = None,
+) -> RenderOutput:
+    """Render a batch of cameras. With a generator, sample positions are jittered (training)."""
+    batch = len(cameras)
+    origins, directions = generate_rays(cameras, resolution)
+    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+    rays = origins.shape[0]
+    ray_camera = torch.arange(batch).repeat_interleave(resolution * resolution)
+
+    # Ray/unit-sphere intersection.
+    b = (origins * directions).sum(-1)
+    c = (origins * origins).sum(-1) - 1.0
+    disc = b * b - c
+    hit = disc > 0
+    root = disc.clamp_min(0).sqrt()
+    near = (-b - root).clamp_min(0.0)
+    far = torch.where(hit, -b + root, near)
+
+    steps = torch.arange(samples_per_ray, dtype=torch.float32)
+    if generator is not None:
+        offsets = torch.rand(rays, samples_per_ray, generator=generator)
+    else:
+        offsets = torch.full((rays, samples_per_ray), 0.5)
+    span = (far - near)[:, None]
+    t = near[:, None] + span * (steps[None] + offsets) / samples_per_ray
+    delta = (span / samples_per_ray).expand(rays, samples_per_ray)
+    points = origins[:, None, :] + directions[:, None, :] * t[..., None]
+
+    keep = hit[:, None].expand(rays, samples_per_ray)
+    if occupancy is not None:
+        keep = keep & occupancy.query(points)
+    flat_keep = keep.reshape(-1).nonzero().squeeze(1)
+    sample_points = points.reshape(-1, 3)[flat_keep]
+    sample_ray = flat_keep // samples_per_ray
+
+    normals = None
+    if shading.needs_normals:
+        sample_points = sample_points.detach().requires_grad_(True)
+        with torch.enable_grad():
+            log_density, albedo = field.log_density_and_albedo(sample_points)
+            (gradient,) = torch.autograd.grad(
+                log_density, sample_points, torch.ones_like(log_density), create_graph=torch.is_grad_enabled()
+            )
+        normals = -gradient / gradient.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    else:
+        log_density, albedo = field.log_density_and_albedo(sample_points)
+
+    colour = _shade(albedo, normals, cameras.light_directions[ray_camera[sample_ray]], shading)
+    sigma = density_from_log(log_density)
+    sigma_dense = torch.zeros(rays * samples_per_ray, dtype=sigma.dtype).index_copy(0, flat_keep, sigma)
+    alpha = 1.0 - torch.exp(-sigma_dense.reshape(rays, samples_per_ray) * delta)
+    transmittance = torch.cumprod(
+        torch.cat([torch.ones(rays, 1), 1.0 - alpha[:, :-1] + 1e-10], dim=1), dim=1
+    )
+    weights = alpha * transmittance
+    sample_weights = weights.reshape(-1)[flat_keep]
+
+    rgb = torch.zeros(rays, 3, dtype=colour.dtype).index_add(0, sample_ray, sample_weights[:, None] * colour)
+    opacity = weights.sum(dim=1)
+    depth = (weights * t).sum(dim=1)
+    rgb = rgb + (1.0 - opacity)[:, None] * field.background(directions)
+
+    orientation = torch.zeros(())
+    normal_image = None
+    if normals is not None:
+        facing_away = (normals * directions[sample_ray]).sum(-1).clamp_min(0.0) ** 2
+        orientation = (sample_weights.detach() * facing_away).sum() / rays
+        normal_image = torch.zeros(rays, 3, dtype=normals.dtype).index_add(
+            0, sample_ray, sample_weights[:, None] * normals
+        )
+
+    def image(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(batch, resolution, resolution, -1).permute(0, 3, 1, 2)
+
+    return RenderOutput(
+        rgb=image(rgb),
+        opacity=image(opacity[:, None]),
+        depth=image(depth[:, None]),
+        normals=image(normal_image) if normal_image is not None else None,
+        orientation_loss=orientation,
+        samples_evaluated=int(flat_keep.numel()),
+        samples_total=rays * samples_per_ray,
+    )
+
+
+def _shade(
+    albedo: torch.Tensor, normals: torch.Tensor | None, light: torch.Tensor, shading: Shading
+) -> torch.Tensor:
+    if shading.mode == "albedo":
+        return albedo
+    assert normals is not None
+    lambert = (normals * light).sum(-1, keepdim=True).clamp_min(0.0)
+    intensity = shading.ambient + shading.diffuse * lambert
+    if shading.mode == "textureless":
+        return (shading.textureless_albedo * intensity).expand(-1, 3)
+    return albedo * intensity
