@@ -24,9 +24,8 @@ class FieldConfig:
     max_resolution: int = 256
     hidden_dim: int = 32
     hidden_layers: int = 2
-    blob_density: float = 5.0
+    blob_density: float = 10.0
     blob_radius: float = 0.5
-    blob_iters_fraction: float = 0.5
     background: str = "learned"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     backend: str = "auto"
@@ -41,7 +40,6 @@ class FieldConfig:
             )
         _non_negative(self, "blob_density")
         _positive(self, "blob_radius")
-        _in_range(self, "blob_iters_fraction", 0.0, 1.0)
         _choice(self, "background", ("learned", "fixed"))
         _choice(self, "backend", ("auto", "torch", "triton", "tcnn"))
         for channel in self.background_color:
@@ -136,11 +134,11 @@ class SDSConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.01
-    mlp_lr_ratio: float = 0.1
+    lr: float = 0.02
+    mlp_lr_ratio: float = 0.5
     lr_final_ratio: float = 0.1
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
 
     def validate(self) -> None:

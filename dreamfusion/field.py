@@ -54,15 +54,13 @@ class NeRFField(RadianceField):
         self.mlp = _mlp(self.encoder.output_dim, config.hidden_dim, config.hidden_layers, 4)
         self.background_net = _mlp(3 * 2 * 4 + 3, 16, 1, 3) if config.background == "learned" else None
         self.register_buffer("background_color", torch.tensor(config.background_color), persistent=False)
-        # Fraction of the density blob still applied; the trainer anneals it.
-        self.blob_scale = 1.0
 
     def blob(self, points: torch.Tensor) -> torch.Tensor:
-        """DreamFusion's density bias at the centre: it gives SDS an object to shape from step one."""
-        if self.blob_scale <= 0.0 or self.config.blob_density == 0.0:
-            return torch.zeros_like(points[:, 0])
-        distance = points.norm(dim=-1)
-        return self.blob_scale * self.config.blob_density * (1.0 - distance / self.config.blob_radius)
+        """DreamFusion's density bias: an object at the centre from step one, empty space elsewhere.
+
+        It stays in the parameterisation (as in DreamFusion); the network overrides it early on.
+        """
+        return self.config.blob_density * (1.0 - points.norm(dim=-1) / self.config.blob_radius)
 
     def log_density_and_albedo(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder((points + 1.0) * 0.5)

@@ -1,0 +1,38 @@
+"""What every guidance backend provides to Score Distillation Sampling."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """The DDPM noise schedule of Stable Diffusion (and of the synthetic prior)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+class Guidance(ABC):
+    """A frozen text-to-image diffusion model seen through the two calls SDS needs.
+
+    ``encode`` maps renders in [0, 1] to the model's space and must stay differentiable (for a latent
+    model, the VAE encoder is backpropagated). ``predict_noise`` runs under ``torch.no_grad``:
+    the SDS gradient never flows through the diffusion network.
+    """
+
+    alphas_cumprod: torch.Tensor
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` renders in [0, 1] → model inputs x_0, differentiable."""
+
+    @abstractmethod
+    def predict_noise(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, view_labels: list[str] | None, guidance_scale: float
+    ) -> torch.Tensor:
+        """Classifier-free-guided noise prediction for the run's prompt (and per-sample view labels)."""

@@ -1,0 +1,40 @@
+"""SDS guidance by the embedded synthetic prior (no weights, runs anywhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dreamfusion.config import Config
+from dreamfusion.guidance.base import Guidance, scaled_linear_alphas_cumprod
+from dreamfusion.prior.synthetic import PriorSpec, SyntheticPrior, prompt_index
+
+
+class SyntheticGuidance(Guidance):
+    def __init__(self, config: Config, cache_dir: Path | None = None, prior: SyntheticPrior | None = None) -> None:
+        self.prompt_id = prompt_index(config.prompt)
+        spec = PriorSpec(config.guidance.prior_resolution, config.guidance.prior_views, config.guidance.front_bias)
+        self.prior = prior or SyntheticPrior(spec, config.camera, cache_dir)
+        self.alphas_cumprod = scaled_linear_alphas_cumprod()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.prior.resolution
+        if images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return images * 2.0 - 1.0
+
+    @torch.no_grad()
+    def predict_noise(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, view_labels: list[str] | None, guidance_scale: float
+    ) -> torch.Tensor:
+        batch = noisy.shape[0]
+        flat = noisy.reshape(batch, -1)
+        alpha_bar = self.alphas_cumprod[timesteps]
+        conditional = self.prior.posterior_mean(flat, alpha_bar, self.prior.candidates(self.prompt_id, view_labels, batch))
+        unconditional = self.prior.posterior_mean(flat, alpha_bar, self.prior.candidates(None, None, batch))
+        x0 = unconditional + guidance_scale * (conditional - unconditional)
+        sqrt_ab = alpha_bar.sqrt()[:, None]
+        noise = (flat - sqrt_ab * x0) / (1.0 - alpha_bar).sqrt()[:, None]
+        return noise.reshape_as(noisy)

@@ -1,0 +1,224 @@
+"""The embedded synthetic prior: a finite image set and its exact DDPM posterior-mean denoiser.
+
+For the finite set {x_i}, the denoiser of x_t = sqrt(ab) x + sqrt(1 - ab) eps is exactly
+    x0_hat(x_t) = sum_i softmax_i(-||x_t - sqrt(ab) x_i||^2 / (2 (1 - ab))) x_i,
+conditional on a prompt (and a view label) by restricting i to that prompt's (and label's) images.
+No training and no weights: a true score of a true distribution, which makes SDS measurable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dreamfusion.cameras import VIEW_LABELS, CameraBatch, cameras_from_angles, view_label
+from dreamfusion.config import CameraConfig
+from dreamfusion.prior.shapes import OBJECTS, SDFField, SyntheticObject, find_object
+from dreamfusion.renderer import Shading, render
+
+log = logging.getLogger(__name__)
+
+# How the prior's "photos" are lit: a light at the camera. Training's default shading matches it.
+PHOTO_SHADING = Shading("lambertian", ambient=0.3, diffuse=0.7, textureless_albedo=0.75)
+GROUND_TRUTH_SAMPLES = 160
+_CACHE_FORMAT = 1
+# The prior's own camera distribution, independent of any run's camera settings: a diffusion
+# model's training photos do not change with the user's config either.
+PRIOR_CAMERAS = CameraConfig()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DREAMFUSION_CACHE", Path.home() / ".cache" / "dreamfusion"))
+
+
+def render_ground_truth(
+    obj: SyntheticObject, cameras: CameraBatch, resolution: int, textureless: bool = False, chunk: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour (or textureless) images ``[B, 3, R, R]`` and opacity ``[B, 1, R, R]`` of an object."""
+    shading = Shading(
+        "textureless" if textureless else "lambertian",
+        PHOTO_SHADING.ambient,
+        PHOTO_SHADING.diffuse,
+        PHOTO_SHADING.textureless_albedo,
+    )
+    field = SDFField(obj)
+    images, opacities = [], []
+    with torch.no_grad():
+        for start in range(0, len(cameras), chunk):
+            part = _slice_cameras(cameras, start, start + chunk)
+            out = render(field, part, resolution, GROUND_TRUTH_SAMPLES, shading)
+            images.append(out.rgb.clamp(0, 1))
+            opacities.append(out.opacity)
+    return torch.cat(images), torch.cat(opacities)
+
+
+def _slice_cameras(cameras: CameraBatch, start: int, stop: int) -> CameraBatch:
+    return CameraBatch(*(getattr(cameras, name)[start:stop] for name in CameraBatch.__dataclass_fields__))
+
+
+def prior_cameras(object_index: int, views: int, front_bias: float) -> CameraBatch:
+    """Front-biased cameras for one object's photos, deterministic per object."""
+    generator = torch.Generator().manual_seed(7919 * (object_index + 1))
+    cfg = PRIOR_CAMERAS
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(views, generator=generator)
+
+    half_front = cfg.front_angle / 2
+    is_front = torch.rand(views, generator=generator) < front_bias
+    azimuth = torch.where(is_front, uniform(-half_front, half_front), uniform(-180.0, 180.0))
+    sin_low, sin_high = (math.sin(math.radians(e)) for e in cfg.elevation_range)
+    elevation = torch.rad2deg(torch.asin(uniform(sin_low, sin_high)))
+    return cameras_from_angles(azimuth, elevation, uniform(*cfg.radius_range), uniform(*cfg.fov_range))
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    resolution: int = 32
+    views: int = 96
+    front_bias: float = 0.7
+
+    def cache_key(self) -> str:
+        payload = {
+            "format": _CACHE_FORMAT,
+            "spec": asdict(self),
+            "cameras": asdict(PRIOR_CAMERAS),
+            "shading": asdict(PHOTO_SHADING),
+            "samples": GROUND_TRUTH_SAMPLES,
+            "prompts": [obj.prompt for obj in OBJECTS],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_build_images(spec: PriorSpec, cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """The prior's photo set, from the on-disk cache or rendered (then cached) on first use."""
+    cache_dir = cache_dir or default_cache_dir()
+    path = cache_dir / f"synthetic-prior-{spec.cache_key()}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)
+        except Exception:  # a truncated cache is rebuilt, never trusted
+            log.warning("synthetic prior cache %s is unreadable; rebuilding it", path)
+    log.info("rendering the synthetic prior's ground-truth views once (cached in %s)", cache_dir)
+    images, prompt_ids, azimuths, elevations, textureless = [], [], [], [], []
+    for index, obj in enumerate(OBJECTS):
+        cameras = prior_cameras(index, spec.views, spec.front_bias)
+        for flat in (False, True):
+            rgb, _ = render_ground_truth(obj, cameras, spec.resolution, textureless=flat)
+            images.append(rgb.to(torch.float16))
+            prompt_ids.append(torch.full((spec.views,), index))
+            azimuths.append(cameras.azimuth_degrees)
+            elevations.append(cameras.elevation_degrees)
+            textureless.append(torch.full((spec.views,), flat))
+    data = {
+        "images": torch.cat(images).contiguous(),
+        "prompt_ids": torch.cat(prompt_ids),
+        "azimuth_degrees": torch.cat(azimuths).float(),
+        "elevation_degrees": torch.cat(elevations).float(),
+        "textureless": torch.cat(textureless),
+    }
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".partial", delete=False) as handle:
+            tmp = Path(handle.name)
+        save_file(data, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not cache the synthetic prior in %s (%s); it will be rendered again next time",
+                    cache_dir, exc)
+    return data
+
+
+class SyntheticPrior:
+    """The closed-form denoiser and the Bayes classifiers over the prior's photo set."""
+
+    def __init__(self, spec: PriorSpec = PriorSpec(), camera_config: CameraConfig | None = None,
+                 cache_dir: Path | None = None) -> None:
+        self.spec = spec
+        data = load_or_build_images(spec, cache_dir)
+        labels_config = camera_config or PRIOR_CAMERAS
+        self.images = data["images"].float()
+        self.flat = self.images.reshape(self.images.shape[0], -1) * 2.0 - 1.0
+        self.square_norms = (self.flat * self.flat).sum(-1)
+        self.prompt_ids = data["prompt_ids"].long()
+        self.textureless = data["textureless"].bool()
+        self.view_ids = torch.tensor(
+            [
+                VIEW_LABELS.index(view_label(float(a), float(e), labels_config.front_angle,
+                                             labels_config.overhead_elevation))
+                for a, e in zip(data["azimuth_degrees"], data["elevation_degrees"], strict=True)
+            ]
+        )
+
+    @property
+    def resolution(self) -> int:
+        return self.spec.resolution
+
+    def candidates(self, prompt_id: int | None, labels: list[str] | None, batch: int) -> torch.Tensor:
+        """``[B, N]`` mask of the images a (prompt, view label) condition ranges over."""
+        if prompt_id is None:
+            return torch.ones(batch, self.flat.shape[0], dtype=torch.bool)
+        of_prompt = self.prompt_ids == prompt_id
+        if labels is None:
+            return of_prompt.expand(batch, -1)
+        rows = []
+        for label in labels:
+            mask = of_prompt & (self.view_ids == VIEW_LABELS.index(label))
+            rows.append(mask if bool(mask.any()) else of_prompt)
+        return torch.stack(rows)
+
+    def posterior_mean(self, noisy: torch.Tensor, alpha_bar: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """E[x_0 | x_t] over the masked images; ``noisy`` is ``[B, D]`` in the model's [-1, 1] space."""
+        sqrt_ab = alpha_bar.sqrt()[:, None]
+        distance = (
+            (noisy * noisy).sum(-1, keepdim=True)
+            - 2.0 * sqrt_ab * noisy @ self.flat.T
+            + alpha_bar[:, None] * self.square_norms[None]
+        )
+        logits = -distance / (2.0 * (1.0 - alpha_bar[:, None]))
+        weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        return weights @ self.flat
+
+    def _log_likelihoods(self, images: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
+        x = images.reshape(images.shape[0], -1) * 2.0 - 1.0
+        distance = (x * x).sum(-1, keepdim=True) - 2.0 * x @ self.flat.T + self.square_norms[None]
+        logits = -distance / (2.0 * sigma * sigma)
+        return logits.masked_fill(~mask[None], float("-inf"))
+
+    def classify_prompts(self, images: torch.Tensor, textureless: bool = False, sigma: float = 0.5) -> torch.Tensor:
+        """Bayes posterior p(prompt | image) ``[B, P]`` under a Gaussian kernel around each photo."""
+        kind = self.textureless == textureless
+        logits = self._log_likelihoods(images, kind, sigma)
+        per_prompt = []
+        for prompt_id in range(len(OBJECTS)):
+            members = kind & (self.prompt_ids == prompt_id)
+            per_prompt.append(torch.logsumexp(logits[:, members], dim=-1) - math.log(int(members.sum())))
+        return torch.softmax(torch.stack(per_prompt, dim=-1), dim=-1)
+
+    def classify_views(self, images: torch.Tensor, prompt_id: int, sigma: float = 0.5) -> list[str]:
+        """Most probable view label of each colour image among one prompt's photos."""
+        members = (self.prompt_ids == prompt_id) & ~self.textureless
+        logits = self._log_likelihoods(images, members, sigma)
+        scores = []
+        for index in range(len(VIEW_LABELS)):
+            label_members = members & (self.view_ids == index)
+            if bool(label_members.any()):
+                scores.append(torch.logsumexp(logits[:, label_members], -1) - math.log(int(label_members.sum())))
+            else:
+                scores.append(torch.full((images.shape[0],), float("-inf")))
+        best = torch.stack(scores, dim=-1).argmax(-1)
+        return [VIEW_LABELS[int(i)] for i in best]
+
+
+def prompt_index(prompt: str) -> int:
+    obj = find_object(prompt)
+    return next(i for i, o in enumerate(OBJECTS) if o.prompt == obj.prompt)

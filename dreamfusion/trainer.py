@@ -1,0 +1,219 @@
+"""The per-prompt SDS optimiser: a trainer that can be stepped, checkpointed and restored.
+
+It knows nothing of Ray or MLflow: drivers observe it through ``TrainerCallback``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreamfusion.cameras import sample_cameras, view_labels
+from dreamfusion.config import Config
+from dreamfusion.field import NeRFField
+from dreamfusion.guidance import Guidance, make_guidance
+from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, RenderOutput, Shading, render
+from dreamfusion.sds import sds_loss
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: truncated, corrupted, or from another configuration."""
+
+
+class TrainerCallback:
+    """Hooks a driver (CLI progress bar, Ray Tune, MLflow) implements; all are optional."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        guidance: Guidance | None = None,
+        callbacks: Sequence[TrainerCallback] = (),
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.config = config.validate()
+        # Parameter initialisation draws from the global RNG; seed it so a run is a function of its seed.
+        torch.manual_seed(config.seed)
+        self.field = NeRFField(config.field)
+        self.guidance = guidance or make_guidance(config, cache_dir)
+        self.occupancy = (
+            OccupancyGrid(config.render.occupancy_resolution, config.render.occupancy_threshold)
+            if config.render.occupancy_grid
+            else None
+        )
+        self.optimizer = torch.optim.Adam(
+            self.field.parameter_groups(config.optim.lr, config.optim.mlp_lr_ratio),
+            betas=config.optim.betas,
+            eps=1e-15,
+            weight_decay=config.optim.weight_decay,
+        )
+        final_ratio = config.optim.lr_final_ratio
+        iterations = config.iterations
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: final_ratio ** min(step / iterations, 1.0)
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.callbacks = list(callbacks)
+        self.step = 0
+        self.skipped_steps = 0
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.config.iterations
+
+    def _shading_for_step(self) -> Shading:
+        render_cfg = self.config.render
+        ratios = torch.tensor(render_cfg.shading_ratios, dtype=torch.float64)
+        draw = int(torch.multinomial(ratios, 1, generator=self.generator))
+        mode = "albedo" if self.progress < render_cfg.albedo_warmup_fraction else SHADING_MODES[draw]
+        return Shading(mode, render_cfg.ambient, render_cfg.diffuse, render_cfg.textureless_albedo)
+
+    def train_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        cfg = self.config
+        if self.occupancy is not None and self.step % cfg.render.occupancy_update_every == 0:
+            self.occupancy.update(self.field, self.generator)
+        shading = self._shading_for_step()
+        cameras = sample_cameras(cfg.camera, cfg.render.batch_size, self.generator)
+        labels = view_labels(cameras, cfg.camera) if cfg.sds.view_dependent else None
+        output = render(
+            self.field, cameras, cfg.render.resolution, cfg.render.samples_per_ray, shading, self.occupancy,
+            self.generator,
+        )
+        sds = sds_loss(self.guidance, output.rgb, labels, cfg.sds, self.progress, self.generator)
+        opacity = output.opacity.clamp(1e-5, 1 - 1e-5)
+        opacity_reg = torch.sqrt(opacity**2 + 0.01).mean()
+        entropy = -(opacity * opacity.log() + (1 - opacity) * (1 - opacity).log()).mean()
+        loss = (
+            sds.loss
+            + cfg.sds.lambda_orientation * output.orientation_loss
+            + cfg.sds.lambda_opacity * opacity_reg
+            + cfg.sds.lambda_entropy * entropy
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        finite = math.isfinite(float(loss.detach())) and all(
+            bool(torch.isfinite(p.grad).all()) for p in self.field.parameters() if p.grad is not None
+        )
+        if finite:
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.field.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+        else:
+            # NaN guard: a poisoned step is skipped (and counted) rather than written into the weights.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        self.scheduler.step()
+        self.step += 1
+        metrics = {
+            "loss": float(loss.detach()) if finite else float("nan"),
+            "sds_loss": float(sds.loss.detach()),
+            "sds_gradient_norm": sds.gradient_norm,
+            "orientation_loss": float(output.orientation_loss.detach()),
+            "opacity_mean": float(output.opacity.detach().mean()),
+            "timestep": sds.timestep,
+            "lr": self.scheduler.get_last_lr()[0],
+            "sample_fraction": output.samples_evaluated / output.samples_total,
+            "occupied_fraction": self.occupancy.occupied_fraction if self.occupancy is not None else 1.0,
+            "skipped_steps": float(self.skipped_steps),
+            "shading": float(SHADING_MODES.index(shading.mode)),
+            "step_seconds": time.perf_counter() - started,
+        }
+        for callback in self.callbacks:
+            callback.on_step_end(self, metrics)
+        return metrics
+
+    def train(self, until: int | None = None) -> None:
+        """Run steps until ``until`` (default: the configured iterations)."""
+        stop = self.config.iterations if until is None else min(until, self.config.iterations)
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        while self.step < stop:
+            self.train_step()
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+
+    @torch.no_grad()
+    def render_views(self, cameras, resolution: int, shading: Shading | str = "lambertian") -> RenderOutput:
+        if isinstance(shading, str):
+            r = self.config.render
+            shading = Shading(shading, r.ambient, r.diffuse, r.textureless_albedo)
+        return render(self.field, cameras, resolution, max(self.config.render.samples_per_ray, 96), shading)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "field": self.field.state_dict(),
+            "occupancy": self.occupancy.state_dict() if self.occupancy is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict_config: bool = True) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        saved = json.loads(state["config"])
+        mine = self.config.to_dict()
+        if strict_config and _architecture(saved) != _architecture(mine):
+            raise CheckpointError("checkpoint was written with a different field or render configuration")
+        self.field.load_state_dict(state["field"])
+        if self.occupancy is not None and state["occupancy"]:
+            self.occupancy.load_state_dict(state["occupancy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.load_state_dict(read_checkpoint(path))
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with ``weights_only=True``: a checkpoint is data, never code."""
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def _architecture(config: dict[str, Any]) -> dict[str, Any]:
+    return {"field": config["field"], "occupancy": config["render"]["occupancy_resolution"]}
