@@ -28,6 +28,9 @@ class CameraBatch:
     def __len__(self) -> int:
         return self.positions.shape[0]
 
+    def slice(self, start: int, stop: int) -> CameraBatch:
+        return CameraBatch(*(getattr(self, name)[start:stop] for name in self.__dataclass_fields__))
+
 
 def view_label(azimuth: float, elevation: float, front_angle: float = 90.0, overhead_elevation: float = 60.0) -> str:
     if elevation > overhead_elevation:
@@ -85,9 +88,13 @@ def sample_cameras(config: CameraConfig, count: int, generator: torch.Generator)
     radius = _uniform(*config.radius_range, count, generator)
     fov = _uniform(*config.fov_range, count, generator)
     cameras = cameras_from_angles(azimuth, elevation, radius, fov)
-    jitter = torch.randn(count, 3, generator=generator) * math.tan(math.radians(config.light_jitter_degrees))
-    light = cameras.light_directions + jitter
-    cameras.light_directions = light / light.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    # The light: the camera direction tilted by a uniform angle up to the jitter, about a random axis.
+    direction = cameras.light_directions
+    axis = torch.randn(count, 3, generator=generator)
+    axis = axis - (axis * direction).sum(-1, keepdim=True) * direction
+    axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    tilt = torch.deg2rad(_uniform(0.0, config.light_jitter_degrees, count, generator))[:, None]
+    cameras.light_directions = torch.cos(tilt) * direction + torch.sin(tilt) * axis
     return cameras
 
 

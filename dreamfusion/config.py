@@ -127,7 +127,10 @@ class SDSConfig:
         if not self.t_min < self.t_max:
             raise UserInputError(f"sds.t_min ({self.t_min}) must be < sds.t_max ({self.t_max})")
         if not self.t_min < self.t_max_final <= self.t_max:
-            raise UserInputError("sds.t_max_final must lie in (sds.t_min, sds.t_max]")
+            raise UserInputError(
+                f"sds.t_max_final ({self.t_max_final}) must lie in (sds.t_min, sds.t_max]"
+                f" = ({self.t_min}, {self.t_max}]"
+            )
         _choice(self, "weighting", ("sds", "uniform", "sqrt"))
         _non_negative(self, "lambda_orientation", "lambda_opacity", "lambda_entropy")
 
@@ -172,8 +175,10 @@ class ExportConfig:
     video_frames: int = 36
     video_resolution: int = 96
     video_fps: int = 12
+    density_threshold: float = 10.0
 
     def validate(self) -> None:
+        _positive(self, "density_threshold")
         _in_range(self, "mesh_resolution", 16, 512)
         _in_range(self, "video_frames", 2, 720)
         _in_range(self, "video_resolution", 16, 1024)
@@ -280,7 +285,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if annotation is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")
-            return int(str(value).strip()) if isinstance(value, str) else int(value)
+            try:
+                return int(str(value).strip()) if isinstance(value, str) else int(value)
+            except ValueError:
+                raise ValueError("expected an integer") from None
         if annotation is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number")

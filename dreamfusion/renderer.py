@@ -174,6 +174,34 @@ def render(
     )
 
 
+def render_batched(
+    field: RadianceField,
+    cameras: CameraBatch,
+    resolution: int,
+    samples_per_ray: int,
+    shading: Shading,
+    occupancy: OccupancyGrid | None = None,
+    max_samples: int = 2**20,
+) -> RenderOutput:
+    """Inference rendering a few cameras at a time, to bound memory at any resolution or count."""
+    per_camera = max(1, max_samples // (resolution * resolution * samples_per_ray))
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(cameras), per_camera):
+            part = cameras.slice(start, start + per_camera)
+            parts.append(render(field, part, resolution, samples_per_ray, shading, occupancy))
+    normals = [p.normals for p in parts]
+    return RenderOutput(
+        rgb=torch.cat([p.rgb for p in parts]),
+        opacity=torch.cat([p.opacity for p in parts]),
+        depth=torch.cat([p.depth for p in parts]),
+        normals=torch.cat(normals) if all(n is not None for n in normals) else None,
+        orientation_loss=torch.stack([p.orientation_loss for p in parts]).mean(),
+        samples_evaluated=sum(p.samples_evaluated for p in parts),
+        samples_total=sum(p.samples_total for p in parts),
+    )
+
+
 def _shade(
     albedo: torch.Tensor, normals: torch.Tensor | None, light: torch.Tensor, shading: Shading
 ) -> torch.Tensor:

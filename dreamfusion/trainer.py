@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from dreamfusion.cameras import sample_cameras, view_labels
+from dreamfusion.cameras import CameraBatch, sample_cameras, view_labels
 from dreamfusion.config import Config
 from dreamfusion.field import NeRFField
 from dreamfusion.guidance import Guidance, make_guidance
-from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, RenderOutput, Shading, render
+from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, RenderOutput, Shading, render, render_batched
 from dreamfusion.sds import sds_loss
 
 CHECKPOINT_FORMAT = 1
@@ -151,12 +151,10 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_end(self)
 
-    @torch.no_grad()
-    def render_views(self, cameras, resolution: int, shading: Shading | str = "lambertian") -> RenderOutput:
-        if isinstance(shading, str):
-            r = self.config.render
-            shading = Shading(shading, r.ambient, r.diffuse, r.textureless_albedo)
-        return render(self.field, cameras, resolution, max(self.config.render.samples_per_ray, 96), shading)
+    def render_views(self, cameras: CameraBatch, resolution: int, mode: str = "lambertian") -> RenderOutput:
+        r = self.config.render
+        shading = Shading(mode, r.ambient, r.diffuse, r.textureless_albedo)
+        return render_batched(self.field, cameras, resolution, max(r.samples_per_ray, 96), shading)
 
     # --- checkpoints -------------------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ from abc import ABC, abstractmethod
 import torch
 
 
-def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+def scaled_linear_alphas_cumprod(
+    steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
     """The DDPM noise schedule of Stable Diffusion (and of the synthetic prior)."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).float()

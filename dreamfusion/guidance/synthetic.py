@@ -32,7 +32,8 @@ class SyntheticGuidance(Guidance):
         batch = noisy.shape[0]
         flat = noisy.reshape(batch, -1)
         alpha_bar = self.alphas_cumprod[timesteps]
-        conditional = self.prior.posterior_mean(flat, alpha_bar, self.prior.candidates(self.prompt_id, view_labels, batch))
+        condition = self.prior.candidates(self.prompt_id, view_labels, batch)
+        conditional = self.prior.posterior_mean(flat, alpha_bar, condition)
         unconditional = self.prior.posterior_mean(flat, alpha_bar, self.prior.candidates(None, None, batch))
         x0 = unconditional + guidance_scale * (conditional - unconditional)
         sqrt_ab = alpha_bar.sqrt()[:, None]

@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from dreamfusion.cameras import VIEW_LABELS, CameraBatch, cameras_from_angles, view_label
 from dreamfusion.config import CameraConfig
 from dreamfusion.prior.shapes import OBJECTS, SDFField, SyntheticObject, find_object
-from dreamfusion.renderer import Shading, render
+from dreamfusion.renderer import Shading, render_batched
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def default_cache_dir() -> Path:
 
 
 def render_ground_truth(
-    obj: SyntheticObject, cameras: CameraBatch, resolution: int, textureless: bool = False, chunk: int = 16
+    obj: SyntheticObject, cameras: CameraBatch, resolution: int, textureless: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Colour (or textureless) images ``[B, 3, R, R]`` and opacity ``[B, 1, R, R]`` of an object."""
     shading = Shading(
@@ -50,19 +50,8 @@ def render_ground_truth(
         PHOTO_SHADING.diffuse,
         PHOTO_SHADING.textureless_albedo,
     )
-    field = SDFField(obj)
-    images, opacities = [], []
-    with torch.no_grad():
-        for start in range(0, len(cameras), chunk):
-            part = _slice_cameras(cameras, start, start + chunk)
-            out = render(field, part, resolution, GROUND_TRUTH_SAMPLES, shading)
-            images.append(out.rgb.clamp(0, 1))
-            opacities.append(out.opacity)
-    return torch.cat(images), torch.cat(opacities)
-
-
-def _slice_cameras(cameras: CameraBatch, start: int, stop: int) -> CameraBatch:
-    return CameraBatch(*(getattr(cameras, name)[start:stop] for name in CameraBatch.__dataclass_fields__))
+    out = render_batched(SDFField(obj), cameras, resolution, GROUND_TRUTH_SAMPLES, shading)
+    return out.rgb.clamp(0, 1), out.opacity
 
 
 def prior_cameras(object_index: int, views: int, front_bias: float) -> CameraBatch:
@@ -105,7 +94,7 @@ def load_or_build_images(spec: PriorSpec, cache_dir: Path | None = None) -> dict
     path = cache_dir / f"synthetic-prior-{spec.cache_key()}.safetensors"
     if path.exists():
         try:
-            return load_file(path)
+            return load(path.read_bytes())  # read, not mmap: a file swapped underneath cannot fault
         except Exception:  # a truncated cache is rebuilt, never trusted
             log.warning("synthetic prior cache %s is unreadable; rebuilding it", path)
     log.info("rendering the synthetic prior's ground-truth views once (cached in %s)", cache_dir)

@@ -1,0 +1,137 @@
+"""``dreamfusion``: run one prompt, evaluate a run, list the synthetic prompts, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from dreamfusion.errors import UserInputError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Progress:
+    """A tqdm bar on a terminal; periodic lines with ETA when stderr is a log file."""
+
+    def __init__(self, total: int, label: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=label, unit="step", dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+
+    def on_train_start(self, trainer) -> None:
+        self.bar.n = trainer.step
+        self.bar.refresh()
+
+    def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3g}", t=f"{metrics['timestep']:.2f}", refresh=False)
+        self.bar.update(1)
+
+    def on_train_end(self, trainer) -> None:
+        self.bar.close()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from dreamfusion.config import Config, apply_overrides
+    from dreamfusion.pipeline import prepare_output_dir, run_prompt
+
+    overrides = [f"guidance.backend={args.guidance}"] + list(args.set or [])
+    config = Config(prompt=args.prompt)
+    if args.iters is not None:
+        config.iterations = args.iters
+    if args.seed is not None:
+        config.seed = args.seed
+    config = apply_overrides(config, overrides)
+    if config.guidance.backend == "synthetic":
+        from dreamfusion.prior.shapes import find_object
+
+        config.prompt = find_object(config.prompt).prompt
+    prepare_output_dir(Path(args.out))
+    summary = run_prompt(config, Path(args.out), callbacks=[_Progress(config.iterations, config.prompt[:40])])
+    print(json.dumps({"out": str(args.out), "wall_seconds": round(summary["wall_seconds"], 1),
+                      "metrics": summary["metrics"]}, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dreamfusion.pipeline import evaluate_run
+
+    print(json.dumps(evaluate_run(Path(args.dir)), indent=2))
+    return 0
+
+
+def _cmd_prompts(args: argparse.Namespace) -> int:
+    from dreamfusion.prior.shapes import OBJECTS
+
+    for obj in OBJECTS:
+        print(f"{obj.prompt}{'    (has a front)' if obj.has_front else ''}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dreamfusion import benchmarks
+
+    started = time.perf_counter()
+    if args.which == "speed":
+        benchmarks.speed(Path(args.out), repeats=args.repeats)
+    else:
+        prompts = args.prompts.split(";") if args.prompts else None
+        benchmarks.quality(Path(args.out), prompts=prompts, ablations=not args.no_ablations,
+                           iterations=args.iters)
+    logging.getLogger(__name__).info("benchmark done in %.0f s", time.perf_counter() - started)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamfusion", description="Text-to-3D by Score Distillation Sampling")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="optimise one prompt and export mesh, video, viewer and metrics")
+    run.add_argument("prompt")
+    run.add_argument("--out", required=True, help="output directory (created; must not hold a finished run)")
+    run.add_argument("--iters", type=int, help="optimisation steps (default: the config's iterations)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--guidance", default="synthetic", help="guidance backend (default: synthetic)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
+    run.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="recompute the metrics of a finished run")
+    ev.add_argument("dir")
+    ev.set_defaults(func=_cmd_eval)
+
+    prompts = sub.add_parser("prompts", help="list the synthetic prior's prompts")
+    prompts.set_defaults(func=_cmd_prompts)
+
+    bench = sub.add_parser("bench", help="speed or quality benchmark; writes JSON and Markdown")
+    bench.add_argument("which", choices=("speed", "quality"))
+    bench.add_argument("--out", default="docs/benchmarks", help="directory for the results")
+    bench.add_argument("--repeats", type=int, default=7, help="timed repeats per case (speed)")
+    bench.add_argument("--prompts", help="';'-separated subset of prompts (quality)")
+    bench.add_argument("--iters", type=int, help="iterations per run (quality; default: config default)")
+    bench.add_argument("--no-ablations", action="store_true", help="skip the paper's ablations (quality)")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except UserInputError as exc:
+        print(f"dreamfusion: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("dreamfusion: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Quality of a result for a synthetic prompt, where the 3D truth is known.
+
+- silhouette IoU and PSNR against ground truth at held-out cameras (not among the prior's photos);
+- R-precision: the share of renders whose most probable prompt under the prior's Bayes classifier
+  p(prompt | image) is the run's prompt (DreamFusion's protocol, this classifier in CLIP's place),
+  on colour renders and on textureless renders;
+- for objects with a front: Janus rate (back views classified as front views) and front recall
+  (front views classified as front views).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dreamfusion.cameras import CameraBatch, cameras_from_angles
+from dreamfusion.field import RadianceField
+from dreamfusion.prior.shapes import find_object
+from dreamfusion.prior.synthetic import PHOTO_SHADING, SyntheticPrior, prompt_index, render_ground_truth
+from dreamfusion.renderer import OccupancyGrid, Shading, render_batched
+
+EVAL_RESOLUTION = 64
+EVAL_SAMPLES = 128
+
+
+def held_out_cameras() -> CameraBatch:
+    """16 fixed views on two rings, offset from each other; the prior's photos are random views."""
+    azimuth = torch.cat([torch.arange(8) * 45.0 + 10.0, torch.arange(8) * 45.0 + 32.5])
+    elevation = torch.cat([torch.full((8,), 10.0), torch.full((8,), 35.0)])
+    count = azimuth.shape[0]
+    return cameras_from_angles(azimuth, elevation, torch.full((count,), 2.2), torch.full((count,), 45.0))
+
+
+def _ring(azimuths: list[float], elevation: float = 15.0) -> CameraBatch:
+    count = len(azimuths)
+    return cameras_from_angles(torch.tensor(azimuths), torch.full((count,), elevation),
+                               torch.full((count,), 2.2), torch.full((count,), 45.0))
+
+
+def front_cameras() -> CameraBatch:
+    return _ring([-30.0, -15.0, 0.0, 15.0, 30.0])
+
+
+def back_cameras() -> CameraBatch:
+    return _ring([150.0, 165.0, 180.0, 195.0, 210.0])
+
+
+def _render(field: RadianceField, cameras: CameraBatch, mode: str,
+            occupancy: OccupancyGrid | None) -> tuple[torch.Tensor, torch.Tensor]:
+    shading = Shading(mode, PHOTO_SHADING.ambient, PHOTO_SHADING.diffuse, PHOTO_SHADING.textureless_albedo)
+    out = render_batched(field, cameras, EVAL_RESOLUTION, EVAL_SAMPLES, shading, occupancy)
+    return out.rgb.clamp(0, 1), out.opacity
+
+
+def _downsample(images: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else -10.0 * torch.log10(torch.tensor(mse)).item()
+
+
+def silhouette_iou(opacity: torch.Tensor, truth: torch.Tensor, threshold: float = 0.5) -> float:
+    mine, theirs = opacity > threshold, truth > threshold
+    union = (mine | theirs).sum()
+    return float((mine & theirs).sum() / union) if union > 0 else 1.0
+
+
+def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
+                   occupancy: OccupancyGrid | None = None) -> dict[str, float]:
+    """Metrics of ``field``; an occupancy grid (the trainer's) only skips empty space, faster."""
+    obj = find_object(prompt)
+    target = prompt_index(prompt)
+    cameras = held_out_cameras()
+    colour, opacity = _render(field, cameras, "lambertian", occupancy)
+    textureless, _ = _render(field, cameras, "textureless", occupancy)
+    truth_colour, truth_opacity = render_ground_truth(obj, cameras, EVAL_RESOLUTION)
+
+    size = prior.resolution
+    colour_guess = prior.classify_prompts(_downsample(colour, size)).argmax(-1)
+    textureless_guess = prior.classify_prompts(_downsample(textureless, size), textureless=True).argmax(-1)
+    metrics = {
+        "silhouette_iou": silhouette_iou(opacity, truth_opacity),
+        "psnr": psnr(colour, truth_colour),
+        "r_precision_colour": float((colour_guess == target).float().mean()),
+        "r_precision_textureless": float((textureless_guess == target).float().mean()),
+    }
+    if obj.has_front:
+        back, _ = _render(field, back_cameras(), "lambertian", occupancy)
+        front, _ = _render(field, front_cameras(), "lambertian", occupancy)
+        back_labels = prior.classify_views(_downsample(back, size), target)
+        front_labels = prior.classify_views(_downsample(front, size), target)
+        metrics["janus_rate"] = sum(label == "front" for label in back_labels) / len(back_labels)
+        metrics["front_recall"] = sum(label == "front" for label in front_labels) / len(front_labels)
+    return metrics

@@ -1,0 +1,191 @@
+"""Exports of a trained field: mesh (.glb/.obj/.ply), turntable video (.webm/.gif), offline HTML viewer."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+import trimesh
+from skimage import measure
+
+from dreamfusion.cameras import cameras_from_angles
+from dreamfusion.field import RadianceField, density_from_log
+from dreamfusion.renderer import OccupancyGrid, Shading, render_batched
+
+
+@torch.no_grad()
+def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: float = 10.0,
+                 chunk: int = 2**18) -> trimesh.Trimesh:
+    """Marching cubes on the density over [-1, 1]^3; vertex colours from the albedo."""
+    axis = torch.linspace(-1.0, 1.0, resolution)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    densities = []
+    for start in range(0, grid.shape[0], chunk):
+        log_density, _ = field.log_density_and_albedo(grid[start : start + chunk])
+        densities.append(density_from_log(log_density))
+    volume = torch.cat(densities).reshape(resolution, resolution, resolution)
+    outside = grid.norm(dim=-1).reshape(volume.shape) > 1.0
+    volume = torch.where(outside, torch.zeros_like(volume), volume).numpy()
+    if not (volume.max() > density_threshold > volume.min()):
+        raise ValueError(
+            f"the density never crosses {density_threshold} (range {volume.min():.3g}..{volume.max():.3g}): "
+            "nothing to mesh; train longer or lower export.density_threshold"
+        )
+    vertices, faces, _, _ = measure.marching_cubes(volume, level=density_threshold)
+    vertices = vertices / (resolution - 1) * 2.0 - 1.0
+    colours = []
+    vertex_tensor = torch.from_numpy(vertices.astype(np.float32))
+    for start in range(0, vertex_tensor.shape[0], chunk):
+        _, albedo = field.log_density_and_albedo(vertex_tensor[start : start + chunk])
+        colours.append(albedo)
+    rgb = (torch.cat(colours).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    rgba = np.concatenate([rgb, np.full((rgb.shape[0], 1), 255, np.uint8)], axis=1)
+    # marching_cubes winds faces for a field that grows inwards; flip so normals point outwards.
+    return trimesh.Trimesh(vertices=vertices, faces=faces[:, ::-1], vertex_colors=rgba, process=False)
+
+
+def write_meshes(mesh: trimesh.Trimesh, directory: Path, stem: str = "mesh") -> dict[str, Path]:
+    paths = {}
+    for kind in ("glb", "obj", "ply"):
+        path = directory / f"{stem}.{kind}"
+        mesh.export(path, file_type=kind)
+        paths[f"mesh_{kind}"] = path
+    return paths
+
+
+@torch.no_grad()
+def render_turntable(field: RadianceField, frames: int, resolution: int, shading: Shading,
+                     elevation: float = 15.0, radius: float = 2.2, fov: float = 45.0,
+                     samples_per_ray: int = 96, occupancy: OccupancyGrid | None = None) -> np.ndarray:
+    """``[frames, H, W, 3]`` uint8, the camera circling the object once."""
+    azimuth = torch.linspace(0.0, 360.0, frames + 1)[:-1]
+    cameras = cameras_from_angles(azimuth, torch.full((frames,), elevation), torch.full((frames,), radius),
+                                  torch.full((frames,), fov))
+    out = render_batched(field, cameras, resolution, samples_per_ray, shading, occupancy)
+    return (out.rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def write_videos(frames: np.ndarray, directory: Path, fps: int, stem: str = "turntable") -> dict[str, Path]:
+    webm = directory / f"{stem}.webm"
+    gif = directory / f"{stem}.gif"
+    # VP9 needs even sizes; the MLflow UI previews both formats.
+    with imageio.get_writer(webm, format="FFMPEG", fps=fps, codec="libvpx-vp9", quality=8,
+                            macro_block_size=2, ffmpeg_log_level="error") as writer:
+        for frame in frames:
+            writer.append_data(frame)
+    imageio.mimsave(gif, list(frames), format="GIF", duration=1000.0 / fps, loop=0)
+    return {"video_webm": webm, "video_gif": gif}
+
+
+_VIEWER_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>html,body{margin:0;height:100%;background:#f4f4f4;font-family:sans-serif}
+canvas{width:100%;height:100%;display:block;cursor:grab}
+#info{position:absolute;left:8px;top:6px;color:#333;font-size:13px}</style></head>
+<body><div id="info">__TITLE__ &middot; __FACES__ faces &middot; drag to rotate, wheel to zoom</div>
+<canvas id="view"></canvas>
+<script id="mesh" type="application/json">__MESH__</script>
+<script>
+"use strict";
+const mesh = JSON.parse(document.getElementById("mesh").textContent);
+function decode(b64, Type) {
+  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+  return new Type(bytes.buffer);
+}
+const positions = decode(mesh.positions, Float32Array);
+const normals = decode(mesh.normals, Float32Array);
+const colors = decode(mesh.colors, Uint8Array);
+const indices = decode(mesh.indices, Uint32Array);
+const canvas = document.getElementById("view");
+const gl = canvas.getContext("webgl", {preserveDrawingBuffer: true});
+if (!gl) { document.getElementById("info").textContent = "WebGL is not available in this browser"; }
+gl.getExtension("OES_element_index_uint");
+function shader(type, src) {
+  const s = gl.createShader(type); gl.shaderSource(s, src); gl.compileShader(s); return s;
+}
+const program = gl.createProgram();
+gl.attachShader(program, shader(gl.VERTEX_SHADER, `
+attribute vec3 p; attribute vec3 n; attribute vec3 c;
+uniform mat4 mvp; uniform mat4 model; varying vec3 vn; varying vec3 vc;
+void main(){ gl_Position = mvp * vec4(p, 1.0); vn = (model * vec4(n, 0.0)).xyz; vc = c; }`));
+gl.attachShader(program, shader(gl.FRAGMENT_SHADER, `
+precision mediump float; varying vec3 vn; varying vec3 vc;
+void main(){ float l = 0.35 + 0.65 * abs(dot(normalize(vn), normalize(vec3(0.3, 0.5, 1.0))));
+gl_FragColor = vec4(vc * l, 1.0); }`));
+gl.linkProgram(program); gl.useProgram(program);
+function buffer(data, name, size, type, normalized) {
+  const b = gl.createBuffer(); gl.bindBuffer(gl.ARRAY_BUFFER, b);
+  gl.bufferData(gl.ARRAY_BUFFER, data, gl.STATIC_DRAW);
+  const loc = gl.getAttribLocation(program, name);
+  gl.enableVertexAttribArray(loc); gl.vertexAttribPointer(loc, size, type, normalized, 0, 0);
+}
+buffer(positions, "p", 3, gl.FLOAT, false);
+buffer(normals, "n", 3, gl.FLOAT, false);
+buffer(colors, "c", 3, gl.UNSIGNED_BYTE, true);
+const ib = gl.createBuffer(); gl.bindBuffer(gl.ELEMENT_ARRAY_BUFFER, ib);
+gl.bufferData(gl.ELEMENT_ARRAY_BUFFER, indices, gl.STATIC_DRAW);
+let yaw = 0.6, pitch = 0.3, distance = 3.2, dragging = false, lastX = 0, lastY = 0, auto = true;
+canvas.addEventListener("mousedown", e => { dragging = true; auto = false; lastX = e.clientX; lastY = e.clientY; });
+window.addEventListener("mouseup", () => { dragging = false; });
+window.addEventListener("mousemove", e => {
+  if (!dragging) return;
+  yaw += (e.clientX - lastX) * 0.01; pitch += (e.clientY - lastY) * 0.01;
+  pitch = Math.max(-1.5, Math.min(1.5, pitch)); lastX = e.clientX; lastY = e.clientY;
+});
+canvas.addEventListener("wheel", e => { e.preventDefault(); distance = Math.max(1.2, Math.min(10, distance * (1 + e.deltaY * 0.001))); });
+function multiply(a, b) {
+  const o = new Float32Array(16);
+  for (let i = 0; i < 4; i++) for (let j = 0; j < 4; j++) {
+    let s = 0; for (let k = 0; k < 4; k++) s += a[k * 4 + j] * b[i * 4 + k]; o[i * 4 + j] = s;
+  }
+  return o;
+}
+function frame() {
+  const w = canvas.clientWidth, h = canvas.clientHeight;
+  if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
+  if (auto) yaw += 0.01;
+  const cy = Math.cos(yaw), sy = Math.sin(yaw), cp = Math.cos(pitch), sp = Math.sin(pitch);
+  const rotY = [cy, 0, -sy, 0, 0, 1, 0, 0, sy, 0, cy, 0, 0, 0, 0, 1];
+  const rotX = [1, 0, 0, 0, 0, cp, sp, 0, 0, -sp, cp, 0, 0, 0, 0, 1];
+  const model = multiply(rotX, rotY);
+  const view = [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, -distance, 1];
+  const f = 1 / Math.tan(0.4), aspect = w / Math.max(h, 1), near = 0.1, far = 50;
+  const proj = [f / aspect, 0, 0, 0, 0, f, 0, 0, 0, 0, (far + near) / (near - far), -1, 0, 0, 2 * far * near / (near - far), 0];
+  const mvp = multiply(proj, multiply(view, model));
+  gl.viewport(0, 0, w, h); gl.clearColor(0.96, 0.96, 0.96, 1); gl.enable(gl.DEPTH_TEST);
+  gl.clear(gl.COLOR_BUFFER_BIT | gl.DEPTH_BUFFER_BIT);
+  gl.uniformMatrix4fv(gl.getUniformLocation(program, "mvp"), false, mvp);
+  gl.uniformMatrix4fv(gl.getUniformLocation(program, "model"), false, model);
+  gl.drawElements(gl.TRIANGLES, indices.length, gl.UNSIGNED_INT, 0);
+  requestAnimationFrame(frame);
+}
+requestAnimationFrame(frame);
+</script></body></html>
+"""
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def write_viewer(mesh: trimesh.Trimesh, path: Path, title: str) -> Path:
+    """A single HTML file with the mesh inlined; it makes no network request (MLflow shows it)."""
+    colours = np.asarray(mesh.visual.vertex_colors)[:, :3].astype(np.uint8)
+    payload = {
+        "positions": _b64(np.asarray(mesh.vertices, dtype=np.float32)),
+        "normals": _b64(np.asarray(mesh.vertex_normals, dtype=np.float32)),
+        "colors": _b64(colours),
+        "indices": _b64(np.asarray(mesh.faces, dtype=np.uint32)),
+    }
+    text = (
+        _VIEWER_TEMPLATE.replace("__TITLE__", html.escape(title))
+        .replace("__FACES__", str(len(mesh.faces)))
+        .replace("__MESH__", json.dumps(payload))
+    )
+    path.write_text(text, encoding="utf-8")
+    return path

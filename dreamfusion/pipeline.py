@@ -1,0 +1,135 @@
+"""One prompt end to end: train, checkpoint, export, evaluate, ``summary.json``.
+
+Everything is written to a staging folder inside the output directory and moved into place only
+when the run has finished, so a failed or interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dreamfusion.config import Config
+from dreamfusion.errors import UserInputError
+from dreamfusion.export import extract_mesh, render_turntable, write_meshes, write_videos, write_viewer
+from dreamfusion.guidance.synthetic import SyntheticGuidance
+from dreamfusion.renderer import Shading
+from dreamfusion.trainer import Trainer, TrainerCallback, read_checkpoint
+
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+ARTIFACT_KEYS = ("mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html", "checkpoint")
+
+
+def prepare_output_dir(out: Path) -> Path:
+    """Check that ``out`` can receive a run before any work starts."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} is a file; give a directory path")
+    if (out / SUMMARY).exists():
+        raise UserInputError(f"--out {out} already holds a finished run; choose a new directory or remove it")
+    created = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise UserInputError(f"cannot write to --out {out} ({exc.strerror}); choose a writable directory") from None
+    finally:
+        for path in created:  # deepest first: validation leaves no trace
+            if path.exists() and not any(path.iterdir()):
+                path.rmdir()
+    return out
+
+
+def export_artifacts(trainer: Trainer, directory: Path) -> dict[str, Path]:
+    cfg = trainer.config
+    mesh = extract_mesh(trainer.field, cfg.export.mesh_resolution, cfg.export.density_threshold)
+    paths = write_meshes(mesh, directory)
+    shading = Shading("lambertian", cfg.render.ambient, cfg.render.diffuse, cfg.render.textureless_albedo)
+    frames = render_turntable(trainer.field, cfg.export.video_frames, cfg.export.video_resolution, shading,
+                              occupancy=trainer.occupancy)
+    paths.update(write_videos(frames, directory, cfg.export.video_fps))
+    paths["viewer_html"] = write_viewer(mesh, directory / "viewer.html", cfg.prompt)
+    return paths
+
+
+def compute_metrics(trainer: Trainer) -> dict[str, float]:
+    """The synthetic prior's metrics where the prompt is one of its objects; none otherwise."""
+    guidance = trainer.guidance
+    if not isinstance(guidance, SyntheticGuidance):
+        return {}
+    from dreamfusion.evaluate import evaluate_field
+
+    return evaluate_field(trainer.field, trainer.config.prompt, guidance.prior, trainer.occupancy)
+
+
+def run_prompt(
+    config: Config,
+    out: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    out = prepare_output_dir(out)
+    config.validate()
+    started = time.perf_counter()
+    trainer = Trainer(config, callbacks=callbacks, cache_dir=cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".incomplete-{os.getpid()}"
+    try:
+        staging.mkdir()
+        trainer.train()
+        trainer.save_checkpoint(staging / CHECKPOINT)
+        paths = export_artifacts(trainer, staging)
+        paths["checkpoint"] = staging / CHECKPOINT
+        metrics = compute_metrics(trainer)
+        summary = {
+            "prompt": config.prompt,
+            "config": config.to_dict(),
+            "iterations": trainer.step,
+            "skipped_steps": trainer.skipped_steps,
+            "wall_seconds": time.perf_counter() - started,
+            "metrics": metrics,
+            "artifacts": {key: path.name for key, path in paths.items()},
+        }
+        (staging / SUMMARY).write_text(json.dumps(summary, indent=2))
+        for item in staging.iterdir():
+            if item.name != SUMMARY:
+                os.replace(item, out / item.name)
+        os.replace(staging / SUMMARY, out / SUMMARY)  # last: its presence marks a finished run
+        staging.rmdir()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return summary
+
+
+def load_run(directory: Path, cache_dir: Path | None = None) -> tuple[Trainer, dict[str, Any]]:
+    directory = Path(directory)
+    summary_path = directory / SUMMARY
+    if not summary_path.exists():
+        raise UserInputError(f"{directory} holds no {SUMMARY}; give the --out directory of a finished run")
+    summary = json.loads(summary_path.read_text())
+    config = Config.from_dict(summary["config"])
+    trainer = Trainer(config, cache_dir=cache_dir)
+    trainer.load_state_dict(read_checkpoint(directory / summary["artifacts"]["checkpoint"]))
+    return trainer, summary
+
+
+def evaluate_run(directory: Path, cache_dir: Path | None = None) -> dict[str, float]:
+    """Recompute a finished run's metrics from its checkpoint and update its summary."""
+    trainer, summary = load_run(directory, cache_dir)
+    metrics = compute_metrics(trainer)
+    summary["metrics"] = metrics
+    tmp = Path(directory) / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, Path(directory) / SUMMARY)
+    return metrics

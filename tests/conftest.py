@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamfusion.config import Config, apply_overrides
+
+TINY = [
+    "render.resolution=16",
+    "render.samples_per_ray=24",
+    "render.batch_size=2",
+    "render.occupancy_resolution=16",
+    "render.occupancy_update_every=4",
+    "field.levels=4",
+    "field.log2_table_size=12",
+    "field.max_resolution=64",
+    "field.hidden_dim=16",
+    "field.hidden_layers=1",
+    "guidance.prior_resolution=16",
+    "guidance.prior_views=48",
+    "export.mesh_resolution=32",
+    "export.video_frames=4",
+    "export.video_resolution=32",
+    "export.density_threshold=5",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prior_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One prior cache per test session: the tiny prior renders once, never in the user's home."""
+    path = tmp_path_factory.mktemp("prior-cache")
+    os.environ["DREAMFUSION_CACHE"] = str(path)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    return path
+
+
+def tiny_config(prompt: str = "a red ball", iterations: int = 6, extra: list[str] | None = None) -> Config:
+    return apply_overrides(Config(prompt=prompt, iterations=iterations), TINY + list(extra or []))
+
+
+@pytest.fixture
+def tiny() -> Config:
+    return tiny_config()

@@ -1,0 +1,58 @@
+import math
+
+import pytest
+
+from dreamfusion.config import Config, apply_overrides, known_keys
+from dreamfusion.errors import UserInputError
+
+
+def test_overrides_coerce_types():
+    config = apply_overrides(
+        Config(),
+        ["sds.guidance_scale=30", "render.occupancy_grid=false", "camera.fov_range=30,60", "iterations=12"],
+    )
+    assert config.sds.guidance_scale == 30.0
+    assert config.render.occupancy_grid is False
+    assert config.camera.fov_range == (30.0, 60.0)
+    assert config.iterations == 12
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("sds.nope=1", "unknown config key 'sds.nope'"),
+        ("nope", "--set expects key=value"),
+        ("sds.guidance_scale=nan", "finite"),
+        ("sds.guidance_scale=abc", "bad value"),
+        ("optim.lr=-0.1", "optim.lr must be a positive number"),
+        ("camera.fov_range=60,30", "low (60.0) > high (30.0)"),
+        ("render.resolution=3", "render.resolution must lie in"),
+        ("iterations=0", "iterations must be >= 1"),
+        ("iterations=1.5", "expected an integer"),
+        ("render.occupancy_grid=maybe", "expected true or false"),
+        ("field.backend=cuda", "field.backend must be one of"),
+        ("sds.t_min=0.99", "sds.t_min (0.99) must be < sds.t_max"),
+        ("sds.t_max_final=0.01", "sds.t_max_final (0.01) must lie in"),
+        ("render.shading_ratios=0,0,0", "three non-negative weights"),
+        ("field.max_resolution=4", "must be >= field.base_resolution"),
+        ("guidance.backend=imagen", "guidance.backend must be one of"),
+    ],
+)
+def test_bad_values_name_the_problem(override, fragment):
+    with pytest.raises(UserInputError) as err:
+        apply_overrides(Config(), [override])
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_lists_known_keys():
+    with pytest.raises(UserInputError) as err:
+        apply_overrides(Config(), ["guidance_scale=3"])
+    assert "sds.guidance_scale" in str(err.value)
+
+
+def test_dict_round_trip_and_flat_keys():
+    config = apply_overrides(Config(), ["sds.guidance_scale=42", "field.levels=6"])
+    again = Config.from_dict(config.to_dict())
+    assert again == config
+    assert set(config.flat()) == set(known_keys())
+    assert all(math.isfinite(v) for v in config.flat().values() if isinstance(v, float))

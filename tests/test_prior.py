@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from dreamfusion.cameras import VIEW_LABELS
+from dreamfusion.errors import UserInputError
+from dreamfusion.evaluate import _downsample, held_out_cameras
+from dreamfusion.prior.shapes import OBJECTS, find_object, known_prompts
+from dreamfusion.prior.synthetic import PriorSpec, SyntheticPrior, load_or_build_images, render_ground_truth
+
+SPEC = PriorSpec(resolution=16, views=48)
+
+
+@pytest.fixture(scope="module")
+def prior() -> SyntheticPrior:
+    return SyntheticPrior(SPEC)
+
+
+def test_library_size_and_fronts():
+    assert len(OBJECTS) >= 10
+    assert sum(obj.has_front for obj in OBJECTS) >= 3
+    assert len(set(known_prompts())) == len(OBJECTS)
+
+
+def test_prompt_matching_and_unknown_prompt():
+    assert find_object("  A   Red BALL. ").prompt == "a red ball"
+    with pytest.raises(UserInputError) as err:
+        find_object("a flying saucer")
+    assert "a red ball" in str(err.value) and "a head with a face" in str(err.value)
+
+
+def test_posterior_mean_matches_brute_force(prior):
+    torch.manual_seed(0)
+    mask = prior.candidates(3, ["front", "back"], 2)
+    alpha_bar = torch.tensor([0.7, 0.05])
+    noisy = torch.randn(2, prior.flat.shape[1])
+    fast = prior.posterior_mean(noisy, alpha_bar, mask)
+    images = prior.flat.double()
+    for b in range(2):
+        members = mask[b].nonzero().squeeze(1).tolist()
+        logits = torch.tensor([
+            -float(((noisy[b].double() - math.sqrt(alpha_bar[b]) * images[i]) ** 2).sum()) / (2 * (1 - alpha_bar[b]))
+            for i in members
+        ], dtype=torch.float64)
+        weights = torch.softmax(logits, 0)
+        expected = (weights[:, None] * images[members]).sum(0)
+        torch.testing.assert_close(fast[b].double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_conditioning_restricts_to_prompt_and_view(prior):
+    of_prompt = prior.prompt_ids == 6
+    for index, label in enumerate(VIEW_LABELS):
+        mask = prior.candidates(6, [label], 1)[0]
+        if bool((of_prompt & (prior.view_ids == index)).any()):
+            assert bool(mask.eq(of_prompt & (prior.view_ids == index)).all())
+        else:  # no photo with that label: fall back to all of the prompt's photos
+            assert bool(mask.eq(of_prompt).all())
+    assert int(prior.candidates(None, None, 1).sum()) == prior.flat.shape[0]
+    assert bool(prior.candidates(6, None, 1)[0].eq(prior.prompt_ids == 6).all())
+
+
+def test_views_are_front_biased(prior):
+    colour = ~prior.textureless
+    front_share = float((prior.view_ids[colour] == VIEW_LABELS.index("front")).float().mean())
+    assert front_share > 0.6  # 70% drawn from the front arc, plus the uniform draws that land there
+
+
+def test_ground_truth_is_classified_correctly(prior):
+    """The classifier's ceiling on this small prior (16 px, 48 photos per object); the default is larger."""
+    cameras = held_out_cameras().slice(0, 8)
+    colour_hits, flat_hits = [], []
+    for index, obj in enumerate(OBJECTS):
+        colour, _ = render_ground_truth(obj, cameras, 16)
+        flat, _ = render_ground_truth(obj, cameras, 16, textureless=True)
+        colour_hits.append(float((prior.classify_prompts(colour).argmax(-1) == index).float().mean()))
+        flat_hits.append(float((prior.classify_prompts(flat, textureless=True).argmax(-1) == index).float().mean()))
+    assert min(colour_hits) >= 0.5 and sum(colour_hits) / len(colour_hits) >= 0.85, colour_hits
+    assert sum(flat_hits) / len(flat_hits) >= 0.6, flat_hits
+
+
+def test_view_classifier_tells_front_from_back(prior):
+    from dreamfusion.evaluate import back_cameras, front_cameras
+
+    head = find_object("a head with a face")
+    index = known_prompts().index(head.prompt)
+    front, _ = render_ground_truth(head, front_cameras(), 16)
+    back, _ = render_ground_truth(head, back_cameras(), 16)
+    assert prior.classify_views(_downsample(front, 16), index).count("front") >= 4
+    assert prior.classify_views(_downsample(back, 16), index).count("front") == 0
+
+
+def test_cache_is_reused_and_a_truncated_cache_is_rebuilt(prior_cache):
+    first = load_or_build_images(SPEC)
+    path = prior_cache / f"synthetic-prior-{SPEC.cache_key()}.safetensors"
+    assert path.exists()
+    path.write_bytes(path.read_bytes()[:100])
+    rebuilt = load_or_build_images(SPEC)
+    torch.testing.assert_close(rebuilt["images"], first["images"])
