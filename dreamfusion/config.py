@@ -172,8 +172,8 @@ class GuidanceConfig:
 @dataclass
 class ExportConfig:
     mesh_resolution: int = 96
-    video_frames: int = 36
-    video_resolution: int = 96
+    video_frames: int = 24
+    video_resolution: int = 64
     video_fps: int = 12
     density_threshold: float = 10.0
 

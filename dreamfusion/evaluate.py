@@ -20,7 +20,7 @@ from dreamfusion.prior.synthetic import PHOTO_SHADING, SyntheticPrior, prompt_in
 from dreamfusion.renderer import OccupancyGrid, Shading, render_batched
 
 EVAL_RESOLUTION = 64
-EVAL_SAMPLES = 128
+EVAL_SAMPLES = 96
 
 
 def held_out_cameras() -> CameraBatch:

@@ -61,7 +61,7 @@ def write_meshes(mesh: trimesh.Trimesh, directory: Path, stem: str = "mesh") -> 
 @torch.no_grad()
 def render_turntable(field: RadianceField, frames: int, resolution: int, shading: Shading,
                      elevation: float = 15.0, radius: float = 2.2, fov: float = 45.0,
-                     samples_per_ray: int = 96, occupancy: OccupancyGrid | None = None) -> np.ndarray:
+                     samples_per_ray: int = 64, occupancy: OccupancyGrid | None = None) -> np.ndarray:
     """``[frames, H, W, 3]`` uint8, the camera circling the object once."""
     azimuth = torch.linspace(0.0, 360.0, frames + 1)[:-1]
     cameras = cameras_from_angles(azimuth, torch.full((frames,), elevation), torch.full((frames,), radius),

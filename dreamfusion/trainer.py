@@ -175,7 +175,7 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
         saved = json.loads(state["config"])
-        mine = self.config.to_dict()
+        mine = json.loads(json.dumps(self.config.to_dict()))
         if strict_config and _architecture(saved) != _architecture(mine):
             raise CheckpointError("checkpoint was written with a different field or render configuration")
         self.field.load_state_dict(state["field"])

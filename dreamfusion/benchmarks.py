@@ -1,0 +1,166 @@
+"""Benchmarks anyone can rerun: ``dreamfusion bench speed`` and ``dreamfusion bench quality``.
+
+Each writes ``<name>.json`` (raw numbers, machine, date) and ``<name>.md`` (the table) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform as _stdlib_platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreamfusion.config import Config, apply_overrides
+from dreamfusion.evaluate import evaluate_field
+from dreamfusion.field import NeRFField
+from dreamfusion.prior.shapes import OBJECTS
+from dreamfusion.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "date": _dt.date.today().isoformat(),
+        "device": "cpu",
+        "processor": _stdlib_platform.processor() or _stdlib_platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def _write(out: Path, name: str, payload: dict[str, Any], table: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    machine = payload["machine"]
+    header = [
+        f"# {name} benchmark",
+        "",
+        f"Measured {machine['date']} on {machine['cpu_count']} CPU cores ({machine['processor']}), "
+        f"torch {machine['torch']}, by `{payload['command']}`.",
+        "",
+    ]
+    (out / f"{name}.md").write_text("\n".join(header + table) + "\n")
+    print("\n".join(table))
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def speed(out: Path, repeats: int = 7) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    field = NeRFField(Config().field)
+    points = torch.rand(2**18, 3) * 1.2 - 0.6
+
+    def field_forward() -> None:
+        with torch.no_grad():
+            field.log_density_and_albedo(points)
+
+    def field_forward_backward() -> None:
+        log_density, albedo = field.log_density_and_albedo(points)
+        (log_density.sum() + albedo.sum()).backward()
+
+    results["field_forward_2^18_s"] = _median_seconds(field_forward, repeats)
+    results["field_forward_backward_2^18_s"] = _median_seconds(field_forward_backward, repeats)
+
+    for occupancy in (True, False):
+        config = apply_overrides(
+            Config(prompt="a red ball", iterations=10_000),
+            ["render.resolution=64", f"render.occupancy_grid={occupancy}", "render.albedo_warmup_fraction=0"],
+        )
+        trainer = Trainer(config)
+        for _ in range(20):  # let the occupancy grid see a shaped density first
+            trainer.train_step()
+        for mode in ("albedo", "lambertian"):
+            config.render.shading_ratios = (1.0, 0.0, 0.0) if mode == "albedo" else (0.0, 1.0, 0.0)
+            samples = []
+
+            def step(samples: list = samples, trainer: Trainer = trainer) -> None:
+                samples.append(trainer.train_step()["sample_fraction"])
+
+            key = f"sds_step_64px_{mode}_occupancy_{'on' if occupancy else 'off'}"
+            results[key + "_s"] = _median_seconds(step, repeats)
+            results[key + "_sample_fraction"] = statistics.median(samples)
+
+    table = [
+        "| measurement | median seconds |",
+        "|---|---|",
+        f"| field forward, 2^18 samples | {results['field_forward_2^18_s']:.3f} |",
+        f"| field forward+backward, 2^18 samples | {results['field_forward_backward_2^18_s']:.3f} |",
+    ]
+    for mode in ("albedo", "lambertian"):
+        on = results[f"sds_step_64px_{mode}_occupancy_on_s"]
+        off = results[f"sds_step_64px_{mode}_occupancy_off_s"]
+        fraction = results[f"sds_step_64px_{mode}_occupancy_on_sample_fraction"]
+        table.append(f"| SDS step, 64x64, batch 4, {mode} shading, occupancy on "
+                     f"({fraction:.0%} of samples evaluated) | {on:.3f} |")
+        table.append(f"| SDS step, 64x64, batch 4, {mode} shading, occupancy off | {off:.3f} |")
+        table.append(f"| ratio off/on ({mode}) | {off / on:.2f}x |")
+    payload = {"machine": _machine(), "command": "dreamfusion bench speed", "results": results}
+    _write(out, "speed", payload, table)
+    return payload
+
+
+def _train_and_evaluate(prompt: str, overrides: list[str], iterations: int | None) -> dict[str, Any]:
+    config = Config(prompt=prompt)
+    if iterations is not None:
+        config.iterations = iterations
+    config = apply_overrides(config, overrides)
+    started = time.perf_counter()
+    trainer = Trainer(config)
+    trainer.train()
+    metrics = evaluate_field(trainer.field, prompt, trainer.guidance.prior, trainer.occupancy)
+    metrics["wall_seconds"] = time.perf_counter() - started
+    log.info("%s %s: %s", prompt, overrides, {k: round(v, 3) for k, v in metrics.items()})
+    return metrics
+
+
+def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
+            iterations: int | None = None) -> dict[str, Any]:
+    chosen = [o for o in OBJECTS if prompts is None or o.prompt in prompts]
+    runs: dict[str, Any] = {}
+    for obj in chosen:
+        runs[obj.prompt] = {"default": _train_and_evaluate(obj.prompt, [], iterations)}
+        if ablations and obj.has_front:
+            runs[obj.prompt]["no_view_dependent"] = _train_and_evaluate(
+                obj.prompt, ["sds.view_dependent=false"], iterations)
+            runs[obj.prompt]["no_textureless"] = _train_and_evaluate(
+                obj.prompt, ["render.shading_ratios=0.3,0.7,0"], iterations)
+
+    table = ["| prompt | IoU | PSNR | R-prec colour | R-prec textureless | Janus | front recall | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def row(name: str, m: dict[str, float]) -> str:
+        janus = f"{m['janus_rate']:.2f}" if "janus_rate" in m else "-"
+        front = f"{m['front_recall']:.2f}" if "front_recall" in m else "-"
+        return (f"| {name} | {m['silhouette_iou']:.3f} | {m['psnr']:.1f} | {m['r_precision_colour']:.2f} | "
+                f"{m['r_precision_textureless']:.2f} | {janus} | {front} | {m['wall_seconds']:.0f} |")
+
+    for prompt, arms in runs.items():
+        table.append(row(prompt, arms["default"]))
+    if ablations:
+        table += ["", "Ablations on the objects with a front (same seed and settings otherwise):", "",
+                  table[0], table[1]]
+        for prompt, arms in runs.items():
+            for arm in ("no_view_dependent", "no_textureless"):
+                if arm in arms:
+                    table.append(row(f"{prompt} ({arm.replace('_', ' ')})", arms[arm]))
+    payload = {"machine": _machine(), "command": "dreamfusion bench quality", "iterations": iterations,
+               "runs": runs}
+    _write(out, "quality", payload, table)
+    return payload

@@ -1,0 +1,81 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dreamfusion.cli import main
+from tests.conftest import TINY
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "dreamfusion.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["run", "a flying saucer"], "unknown prompt"),
+        (["run", "a red ball", "--set", "sds.nope=1"], "unknown config key"),
+        (["run", "a red ball", "--set", "optim.lr=-1"], "optim.lr must be a positive number"),
+        (["run", "a red ball", "--iters", "0"], "iterations must be >= 1"),
+        (["run", "a red ball", "--guidance", "imagen"], "guidance.backend must be one of"),
+        (["run", "", ], "prompt is empty"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, fragment, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([*args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and fragment in err[0], err
+    assert not out.exists()
+
+
+def test_unwritable_output_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = main(["run", "a red ball", "--out", str(blocker / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot write to --out" in err[0]
+
+
+def test_prompts_lists_the_library():
+    result = run_cli("prompts")
+    assert result.returncode == 0
+    assert "a red ball" in result.stdout and "a head with a face" in result.stdout
+
+
+@pytest.mark.slow
+def test_run_then_eval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "ball"
+    overrides = [arg for item in TINY for arg in ("--set", item)]
+    assert main(["run", "A Red Ball", "--out", str(out), "--iters", "8", "--seed", "3", *overrides]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompt"] == "a red ball" and summary["iterations"] == 8
+    assert summary["config"]["seed"] == 3 and summary["wall_seconds"] > 0
+    assert {"silhouette_iou", "psnr", "r_precision_colour", "r_precision_textureless"} <= set(summary["metrics"])
+    expected = {"mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html", "checkpoint"}
+    assert set(summary["artifacts"]) == expected
+    for name in summary["artifacts"].values():
+        assert (out / name).is_file() and (out / name).resolve().parent == out.resolve()
+    assert not [p for p in out.iterdir() if p.name.startswith(".incomplete")]
+
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    recomputed = json.loads(capsys.readouterr().out)
+    assert recomputed == pytest.approx(summary["metrics"], abs=1e-6)
+
+    assert main(["run", "a red ball", "--out", str(out)]) == 2  # never overwrite a finished run
+
+
+def test_head_metrics_include_janus(tmp_path):
+    from dreamfusion.evaluate import evaluate_field
+    from dreamfusion.guidance.synthetic import SyntheticGuidance
+    from dreamfusion.prior.shapes import SDFField, find_object
+    from tests.conftest import tiny_config
+
+    guidance = SyntheticGuidance(tiny_config("a head with a face"))
+    truth = evaluate_field(SDFField(find_object("a head with a face")), "a head with a face", guidance.prior)
+    assert truth["silhouette_iou"] > 0.97 and truth["psnr"] > 30
+    assert truth["janus_rate"] == 0.0 and truth["front_recall"] >= 0.8

@@ -1,0 +1,56 @@
+import re
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import trimesh
+
+from dreamfusion.export import extract_mesh, render_turntable, write_meshes, write_videos, write_viewer
+from dreamfusion.prior.shapes import SDFField, find_object
+from dreamfusion.renderer import Shading
+
+
+@pytest.fixture(scope="module")
+def cube_mesh():
+    return extract_mesh(SDFField(find_object("a blue cube")), resolution=48, density_threshold=10.0)
+
+
+def test_mesh_files_load_back_with_the_object_bounds(cube_mesh, tmp_path):
+    paths = write_meshes(cube_mesh, tmp_path)
+    assert set(paths) == {"mesh_glb", "mesh_obj", "mesh_ply"}
+    for path in paths.values():
+        loaded = trimesh.load(path, force="mesh")
+        assert len(loaded.faces) > 100
+        np.testing.assert_allclose(loaded.bounds, [[-0.42] * 3, [0.42] * 3], atol=0.05)
+    assert cube_mesh.is_watertight
+    assert cube_mesh.volume > 0  # outward-facing normals
+    colours = np.asarray(cube_mesh.visual.vertex_colors)[:, :3]
+    assert colours[:, 2].mean() > colours[:, 0].mean()  # blue
+
+
+def test_viewer_is_self_contained(cube_mesh, tmp_path):
+    path = write_viewer(cube_mesh, tmp_path / "viewer.html", "a <blue> cube")
+    text = path.read_text()
+    assert not re.search(r"(https?:)?//[\w.-]+\.[a-z]{2,}", text), "viewer must make no network request"
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)
+    assert "a &lt;blue&gt; cube" in text and "<blue>" not in text
+    assert '"indices"' in text and "webgl" in text
+
+
+def test_turntable_videos_decode(tmp_path):
+    field = SDFField(find_object("a house with a red door"))
+    frames = render_turntable(field, frames=4, resolution=32, shading=Shading("lambertian"), samples_per_ray=48)
+    assert frames.shape == (4, 32, 32, 3) and frames.dtype == np.uint8
+    assert not np.array_equal(frames[0], frames[1])  # the camera moves
+    paths = write_videos(frames, tmp_path, fps=4)
+    gif = imageio.mimread(paths["video_gif"])
+    assert len(gif) == 4
+    assert paths["video_webm"].stat().st_size > 100
+    assert paths["video_webm"].read_bytes()[:4] == b"\x1a\x45\xdf\xa3"  # EBML (WebM) magic
+
+
+def test_empty_field_gives_a_clear_mesh_error():
+    from tests.test_renderer import EmptyField
+
+    with pytest.raises(ValueError, match="never crosses"):
+        extract_mesh(EmptyField(), resolution=16)
