@@ -188,7 +188,7 @@ class ExportConfig:
 @dataclass
 class Config:
     prompt: str = "a red ball"
-    iterations: int = 400
+    iterations: int = 300
     seed: int = 0
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)

@@ -98,7 +98,9 @@ class Trainer:
             self.field, cameras, cfg.render.resolution, cfg.render.samples_per_ray, shading, self.occupancy,
             self.generator,
         )
-        sds = sds_loss(self.guidance, output.rgb, labels, cfg.sds, self.progress, self.generator)
+        sds = sds_loss(
+            self.guidance, output.rgb, labels, cfg.sds, self.progress, self.generator, shading.mode == "textureless"
+        )
         opacity = output.opacity.clamp(1e-5, 1 - 1e-5)
         opacity_reg = torch.sqrt(opacity**2 + 0.01).mean()
         entropy = -(opacity * opacity.log() + (1 - opacity) * (1 - opacity).log()).mean()

@@ -17,7 +17,7 @@ class NetworkGuidance(Guidance):
     def encode(self, images):
         return images * 2 - 1
 
-    def predict_noise(self, noisy, timesteps, view_labels, guidance_scale):
+    def predict_noise(self, noisy, timesteps, view_labels, guidance_scale, textureless=False):
         self.calls.append((timesteps.clone(), view_labels, guidance_scale, torch.is_grad_enabled()))
         return self.net(noisy)
 

@@ -35,6 +35,15 @@ class Guidance(ABC):
 
     @abstractmethod
     def predict_noise(
-        self, noisy: torch.Tensor, timesteps: torch.Tensor, view_labels: list[str] | None, guidance_scale: float
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        view_labels: list[str] | None,
+        guidance_scale: float,
+        textureless: bool = False,
     ) -> torch.Tensor:
-        """Classifier-free-guided noise prediction for the run's prompt (and per-sample view labels)."""
+        """Classifier-free-guided noise prediction for the run's prompt (and per-sample view labels).
+
+        ``textureless`` says the renders are shaded without albedo; a backend that can condition on it
+        (the synthetic prior) does, others ignore it.
+        """

@@ -27,14 +27,22 @@ class SyntheticGuidance(Guidance):
 
     @torch.no_grad()
     def predict_noise(
-        self, noisy: torch.Tensor, timesteps: torch.Tensor, view_labels: list[str] | None, guidance_scale: float
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        view_labels: list[str] | None,
+        guidance_scale: float,
+        textureless: bool = False,
     ) -> torch.Tensor:
         batch = noisy.shape[0]
         flat = noisy.reshape(batch, -1)
         alpha_bar = self.alphas_cumprod[timesteps]
-        condition = self.prior.candidates(self.prompt_id, view_labels, batch)
+        # Colour renders are judged against colour photos, textureless renders against textureless ones:
+        # otherwise a grey render matches the prompt's textureless photos and colour is never learned.
+        kind = self.prior.textureless == textureless
+        condition = self.prior.candidates(self.prompt_id, view_labels, batch) & kind
         conditional = self.prior.posterior_mean(flat, alpha_bar, condition)
-        unconditional = self.prior.posterior_mean(flat, alpha_bar, self.prior.candidates(None, None, batch))
+        unconditional = self.prior.posterior_mean(flat, alpha_bar, kind.expand(batch, -1))
         x0 = unconditional + guidance_scale * (conditional - unconditional)
         sqrt_ab = alpha_bar.sqrt()[:, None]
         noise = (flat - sqrt_ab * x0) / (1.0 - alpha_bar).sqrt()[:, None]

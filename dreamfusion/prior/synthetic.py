@@ -161,8 +161,9 @@ class SyntheticPrior:
             return of_prompt.expand(batch, -1)
         rows = []
         for label in labels:
+            # Both photo kinds must be present for the label, or it falls back to the whole prompt.
             mask = of_prompt & (self.view_ids == VIEW_LABELS.index(label))
-            rows.append(mask if bool(mask.any()) else of_prompt)
+            rows.append(mask if bool((mask & self.textureless).any()) else of_prompt)
         return torch.stack(rows)
 
     def posterior_mean(self, noisy: torch.Tensor, alpha_bar: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
