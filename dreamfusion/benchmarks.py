@@ -164,3 +164,126 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
                "runs": runs}
     _write(out, "quality", payload, table)
     return payload
+
+
+def _kernel_cases(device: torch.device) -> dict[str, Any]:
+    from dreamfusion.encoding import HashGridEncoding
+
+    generator = torch.Generator().manual_seed(0)
+    encoder = HashGridEncoding(16, 2, 19, 16, 2048, backend="torch").to(device)
+    points = torch.rand(2**18, 3, generator=generator).to(device)
+    rays, samples = 4096, 64
+    sigma = (torch.rand(rays, samples, generator=generator) * 5).to(device)
+    colour = torch.rand(rays, samples, 3, generator=generator).to(device)
+    delta = torch.full((rays, samples), 2.0 / samples, device=device)
+    t = torch.cumsum(delta, 1)
+    return {"encoder": encoder, "points": points, "composite": (sigma, colour, delta, t)}
+
+
+def _kernel_bytes(case: dict[str, Any]) -> dict[str, float]:
+    """Bytes each kernel must move at least (float32, int32 tables of the level layout)."""
+    encoder, points = case["encoder"], case["points"]
+    n, levels, features = points.shape[0], encoder.levels, encoder.features_per_level
+    gathers = n * levels * 8 * features * 4
+    encode_forward = n * 3 * 4 + gathers + n * levels * features * 4
+    encode_backward = n * levels * features * 4 + 2 * gathers + n * 3 * 4 * 2
+    sigma = case["composite"][0]
+    rays, samples = sigma.shape
+    composite_forward = rays * samples * 4 * (3 + 3) + rays * samples * 4 + rays * 5 * 4
+    composite_backward = rays * samples * 4 * (3 + 3 + 1 + 1) + rays * samples * 4 * (1 + 3) + rays * 5 * 4
+    return {
+        "hash_encode forward": encode_forward,
+        "hash_encode forward+backward": encode_forward + encode_backward,
+        "composite forward": composite_forward,
+        "composite forward+backward": composite_forward + composite_backward,
+    }
+
+
+def _time_kernels(case: dict[str, Any], backend: str, repeats: int, device: torch.device) -> dict[str, float]:
+    from triton_kernels import composite, hash_encode
+
+    encoder, points = case["encoder"], case["points"]
+    args = (encoder.resolutions, encoder.level_offsets, encoder.level_sizes, encoder.dense_count)
+    sigma, colour, delta, t = case["composite"]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def encode_forward() -> None:
+        with torch.no_grad():
+            hash_encode(points, encoder.table, *args, backend=backend)
+        sync()
+
+    def encode_forward_backward() -> None:
+        hash_encode(points, encoder.table, *args, backend=backend).sum().backward()
+        sync()
+
+    def composite_forward() -> None:
+        with torch.no_grad():
+            composite(sigma, colour, delta, t, backend=backend)
+        sync()
+
+    def composite_forward_backward() -> None:
+        s, c = sigma.clone().requires_grad_(True), colour.clone().requires_grad_(True)
+        _, rgb, opacity, depth = composite(s, c, delta, t, backend=backend)
+        (rgb.sum() + opacity.sum() + depth.sum()).backward()
+        sync()
+
+    return {
+        "hash_encode forward": _median_seconds(encode_forward, repeats),
+        "hash_encode forward+backward": _median_seconds(encode_forward_backward, repeats),
+        "composite forward": _median_seconds(composite_forward, repeats),
+        "composite forward+backward": _median_seconds(composite_forward_backward, repeats),
+    }
+
+
+def _interpreter_check() -> dict[str, float]:
+    """On a CPU: the Triton kernels run in Triton's interpreter on small inputs, against the reference."""
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are first imported
+    from triton_kernels.composite import composite_reference, composite_triton
+    from triton_kernels.hashgrid import hash_encode_reference, hash_encode_triton
+
+    case = _kernel_cases(torch.device("cpu"))
+    encoder = case["encoder"]
+    args = (encoder.resolutions, encoder.level_offsets, encoder.level_sizes, encoder.dense_count)
+    points = case["points"][:2048]
+    encoder.table.data.normal_()
+    errors = {
+        "hash_encode max abs error": float(
+            (hash_encode_triton(points, encoder.table, *args) - hash_encode_reference(points, encoder.table, *args))
+            .abs().max()),
+    }
+    small = tuple(x[:64] for x in case["composite"])
+    errors["composite max abs error"] = max(
+        float((a - b).abs().max()) for a, b in zip(composite_triton(*small), composite_reference(*small), strict=True))
+    return errors
+
+
+def kernels(out: Path, repeats: int = 7) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    case = _kernel_cases(device)
+    backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+    timings = {backend: _time_kernels(case, backend, repeats, device) for backend in backends}
+    moved = _kernel_bytes(case)
+    machine = _machine()
+    machine["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    payload: dict[str, Any] = {"machine": machine, "command": "dreamfusion bench kernels", "timings_s": timings,
+                               "bytes": moved,
+                               "sizes": "hash grid: 2^18 points, 16 levels x 2 features, table 2^19; "
+                                        "compositing: 4096 rays x 64 samples"}
+    table = ["| kernel | backend | median ms | GB/s (minimum bytes / time) |", "|---|---|---|---|"]
+    for backend, results in timings.items():
+        for name, seconds in results.items():
+            table.append(f"| {name} | {backend} | {seconds * 1e3:.1f} | {moved[name] / seconds / 1e9:.2f} |")
+    if device.type == "cuda":
+        for name in timings["torch"]:
+            ratio = timings['torch'][name] / timings['triton'][name]
+            table.append(f"| {name} | speed-up triton/torch | {ratio:.1f}x | |")
+    else:
+        payload["interpreter_check"] = _interpreter_check()
+        table += ["", "No GPU here: the Triton kernels were checked in Triton's interpreter against the reference "
+                  f"(max abs error: {payload['interpreter_check']})."]
+    table += ["", f"Sizes: {payload['sizes']}."]
+    _write(out, "kernels", payload, table)
+    return payload

@@ -78,6 +78,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.which == "speed":
         benchmarks.speed(Path(args.out), repeats=args.repeats)
+    elif args.which == "kernels":
+        benchmarks.kernels(Path(args.out), repeats=args.repeats)
     else:
         prompts = args.prompts.split(";") if args.prompts else None
         benchmarks.quality(Path(args.out), prompts=prompts, ablations=not args.no_ablations,
@@ -107,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = sub.add_parser("prompts", help="list the synthetic prior's prompts")
     prompts.set_defaults(func=_cmd_prompts)
 
-    bench = sub.add_parser("bench", help="speed or quality benchmark; writes JSON and Markdown")
-    bench.add_argument("which", choices=("speed", "quality"))
+    bench = sub.add_parser("bench", help="speed, kernels or quality benchmark; writes JSON and Markdown")
+    bench.add_argument("which", choices=("speed", "quality", "kernels"))
     bench.add_argument("--out", default="docs/benchmarks", help="directory for the results")
     bench.add_argument("--repeats", type=int, default=7, help="timed repeats per case (speed)")
     bench.add_argument("--prompts", help="';'-separated subset of prompts (quality)")

@@ -50,6 +50,7 @@ class NeRFField(RadianceField):
             log2_table_size=config.log2_table_size,
             base_resolution=config.base_resolution,
             max_resolution=config.max_resolution,
+            backend=config.backend,
         )
         self.mlp = _mlp(self.encoder.output_dim, config.hidden_dim, config.hidden_layers, 4)
         self.background_net = _mlp(3 * 2 * 4 + 3, 16, 1, 3) if config.background == "learned" else None

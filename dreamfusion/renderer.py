@@ -10,6 +10,8 @@ from torch import nn
 
 from dreamfusion.cameras import CameraBatch, generate_rays
 from dreamfusion.field import RadianceField, density_from_log
+from triton_kernels import composite, march_rays, occupancy_update
+from triton_kernels import resolve as resolve_backend
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
 
@@ -56,15 +58,8 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("density", torch.full((resolution,) * 3, float("inf")))
         self.register_buffer("occupied", torch.ones((resolution,) * 3, dtype=torch.bool))
 
-    def cell_index(self, points: torch.Tensor) -> torch.Tensor:
-        cell = ((points + 1.0) * 0.5 * self.resolution).long().clamp(0, self.resolution - 1)
-        return (cell[..., 0] * self.resolution + cell[..., 1]) * self.resolution + cell[..., 2]
-
-    def query(self, points: torch.Tensor) -> torch.Tensor:
-        return self.occupied.reshape(-1)[self.cell_index(points)]
-
     @torch.no_grad()
-    def update(self, field: RadianceField, generator: torch.Generator) -> None:
+    def update(self, field: RadianceField, generator: torch.Generator, backend: str = "auto") -> None:
         r = self.resolution
         axis = torch.arange(r, dtype=torch.float32)
         cells = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
@@ -72,9 +67,11 @@ class OccupancyGrid(nn.Module):
         log_density, _ = field.log_density_and_albedo(points)
         fresh = density_from_log(log_density).reshape(r, r, r)
         fresh = torch.where(points.norm(dim=-1).reshape(r, r, r) <= 1.0 + 2.0 / r, fresh, torch.zeros_like(fresh))
-        previous = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
-        self.density.copy_(torch.maximum(previous * self.decay, fresh))
-        dense = (self.density > self.threshold).float()[None, None]
+        updated, above = occupancy_update(
+            self.density, fresh, self.decay, self.threshold, resolve_backend(backend, self.density.device)
+        )
+        self.density.copy_(updated)
+        dense = above.float()[None, None]
         self.occupied.copy_(F.max_pool3d(dense, kernel_size=3, stride=1, padding=1)[0, 0] > 0)
 
     @property
@@ -90,8 +87,12 @@ def render(
     shading: Shading,
     occupancy: OccupancyGrid | None = None,
     generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> RenderOutput:
-    """Render a batch of cameras. With a generator, sample positions are jittered (training)."""
+    """Render a batch of cameras. With a generator, sample positions are jittered (training).
+
+    ``backend`` picks the ray-marching and compositing kernels (``triton_kernels.resolve``).
+    """
     batch = len(cameras)
     origins, directions = generate_rays(cameras, resolution)
     origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
@@ -107,19 +108,15 @@ def render(
     near = (-b - root).clamp_min(0.0)
     far = torch.where(hit, -b + root, near)
 
-    steps = torch.arange(samples_per_ray, dtype=torch.float32)
     if generator is not None:
         offsets = torch.rand(rays, samples_per_ray, generator=generator)
     else:
         offsets = torch.full((rays, samples_per_ray), 0.5)
-    span = (far - near)[:, None]
-    t = near[:, None] + span * (steps[None] + offsets) / samples_per_ray
-    delta = (span / samples_per_ray).expand(rays, samples_per_ray)
-    points = origins[:, None, :] + directions[:, None, :] * t[..., None]
-
-    keep = hit[:, None].expand(rays, samples_per_ray)
-    if occupancy is not None:
-        keep = keep & occupancy.query(points)
+    kernel_backend = resolve_backend(backend, origins.device)
+    points, t, keep = march_rays(
+        origins, directions, near, far, offsets, occupancy.occupied if occupancy is not None else None, kernel_backend
+    )
+    delta = ((far - near) / samples_per_ray)[:, None].expand(rays, samples_per_ray)
     flat_keep = keep.reshape(-1).nonzero().squeeze(1)
     sample_points = points.reshape(-1, 3)[flat_keep]
     sample_ray = flat_keep // samples_per_ray
@@ -138,17 +135,17 @@ def render(
 
     colour = _shade(albedo, normals, cameras.light_directions[ray_camera[sample_ray]], shading)
     sigma = density_from_log(log_density)
-    sigma_dense = torch.zeros(rays * samples_per_ray, dtype=sigma.dtype).index_copy(0, flat_keep, sigma)
-    alpha = 1.0 - torch.exp(-sigma_dense.reshape(rays, samples_per_ray) * delta)
-    transmittance = torch.cumprod(
-        torch.cat([torch.ones(rays, 1), 1.0 - alpha[:, :-1] + 1e-10], dim=1), dim=1
+    total = rays * samples_per_ray
+    sigma_dense = torch.zeros(total, dtype=sigma.dtype).index_copy(0, flat_keep, sigma)
+    colour_dense = torch.zeros(total, 3, dtype=colour.dtype).index_copy(0, flat_keep, colour)
+    weights, rgb, opacity, depth = composite(
+        sigma_dense.reshape(rays, samples_per_ray),
+        colour_dense.reshape(rays, samples_per_ray, 3),
+        delta,
+        t,
+        backend=kernel_backend,
     )
-    weights = alpha * transmittance
     sample_weights = weights.reshape(-1)[flat_keep]
-
-    rgb = torch.zeros(rays, 3, dtype=colour.dtype).index_add(0, sample_ray, sample_weights[:, None] * colour)
-    opacity = weights.sum(dim=1)
-    depth = (weights * t).sum(dim=1)
     rgb = rgb + (1.0 - opacity)[:, None] * field.background(directions)
 
     orientation = torch.zeros(())

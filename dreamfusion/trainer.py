@@ -19,10 +19,13 @@ import torch
 
 from dreamfusion.cameras import CameraBatch, sample_cameras, view_labels
 from dreamfusion.config import Config
+from dreamfusion.errors import UserInputError
 from dreamfusion.field import NeRFField
 from dreamfusion.guidance import Guidance, make_guidance
 from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, RenderOutput, Shading, render, render_batched
 from dreamfusion.sds import sds_loss
+from triton_kernels import BackendUnavailable
+from triton_kernels import resolve as resolve_backend
 
 CHECKPOINT_FORMAT = 1
 
@@ -50,6 +53,10 @@ class Trainer:
         cache_dir: Path | None = None,
     ) -> None:
         self.config = config.validate()
+        try:  # fail before any work when the kernel backend cannot run here
+            resolve_backend(config.field.backend, torch.device("cpu"))
+        except BackendUnavailable as exc:
+            raise UserInputError(str(exc)) from None
         # Parameter initialisation draws from the global RNG; seed it so a run is a function of its seed.
         torch.manual_seed(config.seed)
         self.field = NeRFField(config.field)
@@ -90,13 +97,13 @@ class Trainer:
         started = time.perf_counter()
         cfg = self.config
         if self.occupancy is not None and self.step % cfg.render.occupancy_update_every == 0:
-            self.occupancy.update(self.field, self.generator)
+            self.occupancy.update(self.field, self.generator, cfg.field.backend)
         shading = self._shading_for_step()
         cameras = sample_cameras(cfg.camera, cfg.render.batch_size, self.generator)
         labels = view_labels(cameras, cfg.camera) if cfg.sds.view_dependent else None
         output = render(
             self.field, cameras, cfg.render.resolution, cfg.render.samples_per_ray, shading, self.occupancy,
-            self.generator,
+            self.generator, cfg.field.backend,
         )
         sds = sds_loss(
             self.guidance, output.rgb, labels, cfg.sds, self.progress, self.generator, shading.mode == "textureless"
