@@ -131,12 +131,12 @@ def _train_and_evaluate(prompt: str, overrides: list[str], iterations: int | Non
 
 
 def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
-            iterations: int | None = None) -> dict[str, Any]:
+            iterations: int | None = None, ablation_prompts: list[str] | None = None) -> dict[str, Any]:
     chosen = [o for o in OBJECTS if prompts is None or o.prompt in prompts]
     runs: dict[str, Any] = {}
     for obj in chosen:
         runs[obj.prompt] = {"default": _train_and_evaluate(obj.prompt, [], iterations)}
-        if ablations and obj.has_front:
+        if ablations and obj.has_front and (ablation_prompts is None or obj.prompt in ablation_prompts):
             runs[obj.prompt]["no_view_dependent"] = _train_and_evaluate(
                 obj.prompt, ["sds.view_dependent=false"], iterations)
             runs[obj.prompt]["no_textureless"] = _train_and_evaluate(

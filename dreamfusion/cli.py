@@ -82,8 +82,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         benchmarks.kernels(Path(args.out), repeats=args.repeats)
     else:
         prompts = args.prompts.split(";") if args.prompts else None
+        ablation_prompts = args.ablation_prompts.split(";") if args.ablation_prompts else None
         benchmarks.quality(Path(args.out), prompts=prompts, ablations=not args.no_ablations,
-                           iterations=args.iters)
+                           iterations=args.iters, ablation_prompts=ablation_prompts)
     logging.getLogger(__name__).info("benchmark done in %.0f s", time.perf_counter() - started)
     return 0
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", help="';'-separated subset of prompts (quality)")
     bench.add_argument("--iters", type=int, help="iterations per run (quality; default: config default)")
     bench.add_argument("--no-ablations", action="store_true", help="skip the paper's ablations (quality)")
+    bench.add_argument("--ablation-prompts", help="';'-separated objects to ablate (quality; default: all with a front)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -24,7 +24,7 @@ class FieldConfig:
     max_resolution: int = 256
     hidden_dim: int = 32
     hidden_layers: int = 2
-    blob_density: float = 10.0
+    blob_density: float = 5.0
     blob_radius: float = 0.5
     background: str = "learned"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -49,10 +49,10 @@ class FieldConfig:
 
 @dataclass
 class CameraConfig:
-    radius_range: tuple[float, float] = (2.0, 2.4)
+    radius_range: tuple[float, float] = (2.1, 2.3)
     elevation_range: tuple[float, float] = (-10.0, 70.0)
     azimuth_range: tuple[float, float] = (-180.0, 180.0)
-    fov_range: tuple[float, float] = (40.0, 50.0)
+    fov_range: tuple[float, float] = (44.0, 46.0)
     light_jitter_degrees: float = 30.0
     front_angle: float = 90.0
     overhead_elevation: float = 60.0
@@ -107,13 +107,13 @@ class RenderConfig:
 
 @dataclass
 class SDSConfig:
-    guidance_scale: float = 20.0
+    guidance_scale: float = 7.5
     t_min: float = 0.02
     t_max: float = 0.98
-    t_max_final: float = 0.5
+    t_max_final: float = 0.3
     weighting: str = "sds"
     view_dependent: bool = True
-    lambda_orientation: float = 0.01
+    lambda_orientation: float = 0.001
     lambda_opacity: float = 0.001
     lambda_entropy: float = 0.0
 
@@ -159,7 +159,7 @@ class GuidanceConfig:
     backend: str = "synthetic"
     model: str = ""
     prior_resolution: int = 32
-    prior_views: int = 96
+    prior_views: int = 128
     front_bias: float = 0.7
 
     def validate(self) -> None:

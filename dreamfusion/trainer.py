@@ -108,12 +108,16 @@ class Trainer:
         sds = sds_loss(
             self.guidance, output.rgb, labels, cfg.sds, self.progress, self.generator, shading.mode == "textureless"
         )
+        # Regularisers are summed per image, like the SDS surrogate, so their weights do not depend on
+        # the render resolution and compare directly with the SDS gradient per pixel.
+        batch = output.opacity.shape[0]
         opacity = output.opacity.clamp(1e-5, 1 - 1e-5)
-        opacity_reg = torch.sqrt(opacity**2 + 0.01).mean()
-        entropy = -(opacity * opacity.log() + (1 - opacity) * (1 - opacity).log()).mean()
+        opacity_reg = torch.sqrt(opacity**2 + 0.01).sum() / batch
+        entropy = -(opacity * opacity.log() + (1 - opacity) * (1 - opacity).log()).sum() / batch
+        pixels = opacity[0].numel()
         loss = (
             sds.loss
-            + cfg.sds.lambda_orientation * output.orientation_loss
+            + cfg.sds.lambda_orientation * output.orientation_loss * pixels
             + cfg.sds.lambda_opacity * opacity_reg
             + cfg.sds.lambda_entropy * entropy
         )
