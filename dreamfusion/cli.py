@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", help="';'-separated subset of prompts (quality)")
     bench.add_argument("--iters", type=int, help="iterations per run (quality; default: config default)")
     bench.add_argument("--no-ablations", action="store_true", help="skip the paper's ablations (quality)")
-    bench.add_argument("--ablation-prompts", help="';'-separated objects to ablate (quality; default: all with a front)")
+    bench.add_argument("--ablation-prompts", help="';'-separated objects to ablate (default: all with a front)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
