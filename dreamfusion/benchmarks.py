@@ -20,7 +20,7 @@ import torch
 from dreamfusion.config import Config, apply_overrides
 from dreamfusion.evaluate import evaluate_field
 from dreamfusion.field import NeRFField
-from dreamfusion.prior.shapes import OBJECTS
+from dreamfusion.prior.shapes import OBJECTS, find_object
 from dreamfusion.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -132,16 +132,31 @@ def _train_and_evaluate(prompt: str, overrides: list[str], iterations: int | Non
 
 def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
             iterations: int | None = None, ablation_prompts: list[str] | None = None) -> dict[str, Any]:
-    chosen = [o for o in OBJECTS if prompts is None or o.prompt in prompts]
+    """Writes the table after every run, and resumes: runs already in ``quality.json`` are kept."""
+    by_prompt = {o.prompt: o for o in OBJECTS}
+    chosen = list(OBJECTS) if prompts is None else [by_prompt[find_object(p).prompt] for p in prompts]
+    previous = out / "quality.json"
     runs: dict[str, Any] = {}
+    if previous.exists():
+        saved = json.loads(previous.read_text())
+        if saved.get("iterations") == iterations:
+            runs = saved["runs"]
+    plan: list[tuple[str, str, list[str]]] = []
     for obj in chosen:
-        runs[obj.prompt] = {"default": _train_and_evaluate(obj.prompt, [], iterations)}
+        plan.append((obj.prompt, "default", []))
         if ablations and obj.has_front and (ablation_prompts is None or obj.prompt in ablation_prompts):
-            runs[obj.prompt]["no_view_dependent"] = _train_and_evaluate(
-                obj.prompt, ["sds.view_dependent=false"], iterations)
-            runs[obj.prompt]["no_textureless"] = _train_and_evaluate(
-                obj.prompt, ["render.shading_ratios=0.3,0.7,0"], iterations)
+            plan.append((obj.prompt, "no_view_dependent", ["sds.view_dependent=false"]))
+            plan.append((obj.prompt, "no_textureless", ["render.shading_ratios=0.3,0.7,0"]))
+    payload: dict[str, Any] = {}
+    for prompt, arm, overrides in plan:
+        if arm in runs.get(prompt, {}):
+            continue
+        runs.setdefault(prompt, {})[arm] = _train_and_evaluate(prompt, overrides, iterations)
+        payload = _write_quality(out, runs, iterations)
+    return payload or _write_quality(out, runs, iterations)
 
+
+def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None) -> dict[str, Any]:
     table = ["| prompt | IoU | PSNR | R-prec colour | R-prec textureless | Janus | front recall | seconds |",
              "|---|---|---|---|---|---|---|---|"]
 
@@ -151,15 +166,12 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
         return (f"| {name} | {m['silhouette_iou']:.3f} | {m['psnr']:.1f} | {m['r_precision_colour']:.2f} | "
                 f"{m['r_precision_textureless']:.2f} | {janus} | {front} | {m['wall_seconds']:.0f} |")
 
-    for prompt, arms in runs.items():
-        table.append(row(prompt, arms["default"]))
-    if ablations:
-        table += ["", "Ablations on the objects with a front (same seed and settings otherwise):", "",
-                  table[0], table[1]]
-        for prompt, arms in runs.items():
-            for arm in ("no_view_dependent", "no_textureless"):
-                if arm in arms:
-                    table.append(row(f"{prompt} ({arm.replace('_', ' ')})", arms[arm]))
+    ordered = [o.prompt for o in OBJECTS if o.prompt in runs]
+    table += [row(prompt, runs[prompt]["default"]) for prompt in ordered if "default" in runs[prompt]]
+    ablated = [(p, arm) for p in ordered for arm in ("no_view_dependent", "no_textureless") if arm in runs[p]]
+    if ablated:
+        table += ["", "Ablations on objects with a front (same seed and settings otherwise):", "", table[0], table[1]]
+        table += [row(f"{p} ({arm.replace('_', ' ')})", runs[p][arm]) for p, arm in ablated]
     payload = {"machine": _machine(), "command": "dreamfusion bench quality", "iterations": iterations,
                "runs": runs}
     _write(out, "quality", payload, table)
@@ -252,6 +264,7 @@ def _interpreter_check() -> dict[str, float]:
     errors = {
         "hash_encode max abs error": float(
             (hash_encode_triton(points, encoder.table, *args) - hash_encode_reference(points, encoder.table, *args))
+            .detach()
             .abs().max()),
     }
     small = tuple(x[:64] for x in case["composite"])
