@@ -1,0 +1,32 @@
+import json
+
+from dreamfusion import benchmarks
+
+
+def fake_metrics(prompt, overrides, iterations):
+    metrics = {"silhouette_iou": 0.9, "psnr": 20.0, "r_precision_colour": 1.0, "r_precision_textureless": 0.5,
+               "wall_seconds": 1.0}
+    if prompt == "a head with a face":
+        metrics.update(janus_rate=0.0, front_recall=1.0 if not overrides else 0.0)
+    return metrics
+
+
+def test_quality_writes_after_each_run_and_resumes(tmp_path, monkeypatch):
+    calls = []
+
+    def train(prompt, overrides, iterations):
+        calls.append((prompt, tuple(overrides)))
+        return fake_metrics(prompt, overrides, iterations)
+
+    monkeypatch.setattr(benchmarks, "_train_and_evaluate", train)
+    benchmarks.quality(tmp_path, prompts=["a head with a face", "a red ball"], iterations=5)
+    assert calls[0] == ("a head with a face", ())
+    assert ("a head with a face", ("sds.view_dependent=false",)) in calls and len(calls) == 4
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert set(saved["runs"]["a head with a face"]) == {"default", "no_view_dependent", "no_textureless"}
+    table = (tmp_path / "quality.md").read_text()
+    assert "| a red ball | 0.900 |" in table and "a head with a face (no view dependent)" in table
+
+    calls.clear()
+    benchmarks.quality(tmp_path, prompts=["a head with a face", "a red ball", "a blue cube"], iterations=5)
+    assert calls == [("a blue cube", ())]  # finished runs are kept, not rerun
