@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +19,7 @@ from dreamfusion.cameras import CameraBatch, cameras_from_angles
 from dreamfusion.field import RadianceField
 from dreamfusion.prior.shapes import find_object
 from dreamfusion.prior.synthetic import PHOTO_SHADING, SyntheticPrior, prompt_index, render_ground_truth
-from dreamfusion.renderer import OccupancyGrid, Shading, render_batched
+from dreamfusion.renderer import OccupancyGrid, render_batched
 
 EVAL_RESOLUTION = 64
 EVAL_SAMPLES = 96
@@ -47,8 +49,7 @@ def back_cameras() -> CameraBatch:
 
 def _render(field: RadianceField, cameras: CameraBatch, mode: str,
             occupancy: OccupancyGrid | None) -> tuple[torch.Tensor, torch.Tensor]:
-    shading = Shading(mode, PHOTO_SHADING.ambient, PHOTO_SHADING.diffuse, PHOTO_SHADING.textureless_albedo)
-    out = render_batched(field, cameras, EVAL_RESOLUTION, EVAL_SAMPLES, shading, occupancy)
+    out = render_batched(field, cameras, EVAL_RESOLUTION, EVAL_SAMPLES, replace(PHOTO_SHADING, mode=mode), occupancy)
     return out.rgb.clamp(0, 1), out.opacity
 
 

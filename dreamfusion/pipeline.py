@@ -19,7 +19,6 @@ from dreamfusion.config import Config
 from dreamfusion.errors import UserInputError
 from dreamfusion.export import extract_mesh, render_turntable, write_meshes, write_videos, write_viewer
 from dreamfusion.guidance.synthetic import SyntheticGuidance
-from dreamfusion.renderer import Shading
 from dreamfusion.trainer import Trainer, TrainerCallback, read_checkpoint
 
 SUMMARY = "summary.json"
@@ -52,8 +51,8 @@ def export_artifacts(trainer: Trainer, directory: Path) -> dict[str, Path]:
     cfg = trainer.config
     mesh = extract_mesh(trainer.field, cfg.export.mesh_resolution, cfg.export.density_threshold)
     paths = write_meshes(mesh, directory)
-    shading = Shading("lambertian", cfg.render.ambient, cfg.render.diffuse, cfg.render.textureless_albedo)
-    frames = render_turntable(trainer.field, cfg.export.video_frames, cfg.export.video_resolution, shading,
+    frames = render_turntable(trainer.field, cfg.export.video_frames, cfg.export.video_resolution,
+                              trainer.shading("lambertian"),
                               occupancy=trainer.occupancy)
     paths.update(write_videos(frames, directory, cfg.export.video_fps))
     paths["viewer_html"] = write_viewer(mesh, directory / "viewer.html", cfg.prompt)

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from dreamfusion.cameras import CameraBatch, sample_cameras, view_labels
+from dreamfusion.cameras import sample_cameras, view_labels
 from dreamfusion.config import Config
 from dreamfusion.errors import UserInputError
 from dreamfusion.field import NeRFField
 from dreamfusion.guidance import Guidance, make_guidance
-from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, RenderOutput, Shading, render, render_batched
+from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, Shading, render
 from dreamfusion.sds import sds_loss
 from triton_kernels import BackendUnavailable
 from triton_kernels import resolve as resolve_backend
@@ -91,7 +91,11 @@ class Trainer:
         ratios = torch.tensor(render_cfg.shading_ratios, dtype=torch.float64)
         draw = int(torch.multinomial(ratios, 1, generator=self.generator))
         mode = "albedo" if self.progress < render_cfg.albedo_warmup_fraction else SHADING_MODES[draw]
-        return Shading(mode, render_cfg.ambient, render_cfg.diffuse, render_cfg.textureless_albedo)
+        return self.shading(mode)
+
+    def shading(self, mode: str) -> Shading:
+        r = self.config.render
+        return Shading(mode, r.ambient, r.diffuse, r.textureless_albedo)
 
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
@@ -163,11 +167,6 @@ class Trainer:
             self.train_step()
         for callback in self.callbacks:
             callback.on_train_end(self)
-
-    def render_views(self, cameras: CameraBatch, resolution: int, mode: str = "lambertian") -> RenderOutput:
-        r = self.config.render
-        shading = Shading(mode, r.ambient, r.diffuse, r.textureless_albedo)
-        return render_batched(self.field, cameras, resolution, max(r.samples_per_ray, 96), shading)
 
     # --- checkpoints -------------------------------------------------------------------------------
 

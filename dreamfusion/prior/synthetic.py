@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,12 +44,7 @@ def render_ground_truth(
     obj: SyntheticObject, cameras: CameraBatch, resolution: int, textureless: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Colour (or textureless) images ``[B, 3, R, R]`` and opacity ``[B, 1, R, R]`` of an object."""
-    shading = Shading(
-        "textureless" if textureless else "lambertian",
-        PHOTO_SHADING.ambient,
-        PHOTO_SHADING.diffuse,
-        PHOTO_SHADING.textureless_albedo,
-    )
+    shading = replace(PHOTO_SHADING, mode="textureless" if textureless else "lambertian")
     out = render_batched(SDFField(obj), cameras, resolution, GROUND_TRUTH_SAMPLES, shading)
     return out.rgb.clamp(0, 1), out.opacity
 
