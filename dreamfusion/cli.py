@@ -7,7 +7,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from dreamfusion.errors import UserInputError
 
@@ -89,7 +91,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.ArgumentParser:
+    """The command line; each of ``extensions`` adds subcommands (the platform's sweep and ui)."""
     parser = argparse.ArgumentParser(prog="dreamfusion", description="Text-to-3D by Score Distillation Sampling")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,11 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-ablations", action="store_true", help="skip the paper's ablations (quality)")
     bench.add_argument("--ablation-prompts", help="';'-separated objects to ablate (default: all with a front)")
     bench.set_defaults(func=_cmd_bench)
+    for extend in extensions:
+        extend(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, extensions: Sequence[Callable[[Any], None]] = ()) -> int:
+    parser = build_parser(extensions)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

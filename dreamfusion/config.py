@@ -176,6 +176,11 @@ class ExportConfig:
     video_resolution: int = 64
     video_fps: int = 12
     density_threshold: float = 10.0
+    preview_resolution: int = 96
+    # Quality metrics (synthetic prompts): renders at held-out cameras. Lower them only for quick
+    # checks; published numbers use the defaults.
+    eval_resolution: int = 64
+    eval_samples_per_ray: int = 96
 
     def validate(self) -> None:
         _positive(self, "density_threshold")
@@ -183,6 +188,9 @@ class ExportConfig:
         _in_range(self, "video_frames", 2, 720)
         _in_range(self, "video_resolution", 16, 1024)
         _in_range(self, "video_fps", 1, 120)
+        _in_range(self, "preview_resolution", 16, 1024)
+        _in_range(self, "eval_resolution", 8, 512)
+        _in_range(self, "eval_samples_per_ray", 4, 1024)
 
 
 @dataclass

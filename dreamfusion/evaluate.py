@@ -47,9 +47,9 @@ def back_cameras() -> CameraBatch:
     return _ring([150.0, 165.0, 180.0, 195.0, 210.0])
 
 
-def _render(field: RadianceField, cameras: CameraBatch, mode: str,
-            occupancy: OccupancyGrid | None) -> tuple[torch.Tensor, torch.Tensor]:
-    out = render_batched(field, cameras, EVAL_RESOLUTION, EVAL_SAMPLES, replace(PHOTO_SHADING, mode=mode), occupancy)
+def _render(field: RadianceField, cameras: CameraBatch, mode: str, occupancy: OccupancyGrid | None,
+            resolution: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = render_batched(field, cameras, resolution, samples, replace(PHOTO_SHADING, mode=mode), occupancy)
     return out.rgb.clamp(0, 1), out.opacity
 
 
@@ -69,14 +69,15 @@ def silhouette_iou(opacity: torch.Tensor, truth: torch.Tensor, threshold: float 
 
 
 def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
-                   occupancy: OccupancyGrid | None = None) -> dict[str, float]:
+                   occupancy: OccupancyGrid | None = None, resolution: int = EVAL_RESOLUTION,
+                   samples: int = EVAL_SAMPLES) -> dict[str, float]:
     """Metrics of ``field``; an occupancy grid (the trainer's) only skips empty space, faster."""
     obj = find_object(prompt)
     target = prompt_index(prompt)
     cameras = held_out_cameras()
-    colour, opacity = _render(field, cameras, "lambertian", occupancy)
-    textureless, _ = _render(field, cameras, "textureless", occupancy)
-    truth_colour, truth_opacity = render_ground_truth(obj, cameras, EVAL_RESOLUTION)
+    colour, opacity = _render(field, cameras, "lambertian", occupancy, resolution, samples)
+    textureless, _ = _render(field, cameras, "textureless", occupancy, resolution, samples)
+    truth_colour, truth_opacity = render_ground_truth(obj, cameras, resolution)
 
     size = prior.resolution
     colour_guess = prior.classify_prompts(_downsample(colour, size)).argmax(-1)
@@ -88,8 +89,8 @@ def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
         "r_precision_textureless": float((textureless_guess == target).float().mean()),
     }
     if obj.has_front:
-        back, _ = _render(field, back_cameras(), "lambertian", occupancy)
-        front, _ = _render(field, front_cameras(), "lambertian", occupancy)
+        back, _ = _render(field, back_cameras(), "lambertian", occupancy, resolution, samples)
+        front, _ = _render(field, front_cameras(), "lambertian", occupancy, resolution, samples)
         back_labels = prior.classify_views(_downsample(back, size), target)
         front_labels = prior.classify_views(_downsample(front, size), target)
         metrics["janus_rate"] = sum(label == "front" for label in back_labels) / len(back_labels)

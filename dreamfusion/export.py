@@ -82,6 +82,38 @@ def write_videos(frames: np.ndarray, directory: Path, fps: int, stem: str = "tur
     return {"video_webm": webm, "video_gif": gif}
 
 
+@torch.no_grad()
+def render_previews(field: RadianceField, shading_for, views: int = 4, resolution: int = 96,
+                    occupancy: OccupancyGrid | None = None) -> dict[str, np.ndarray]:
+    """Rows of ``views`` views around the object: colour, textureless and normals (``[H, W*views, 3]`` uint8).
+
+    ``shading_for(mode)`` builds the run's shading for a mode, so previews match what training saw.
+    """
+    azimuth = torch.arange(views) * (360.0 / views)
+    cameras = cameras_from_angles(azimuth, torch.full((views,), 15.0), torch.full((views,), 2.2),
+                                  torch.full((views,), 45.0))
+
+    def row(images: torch.Tensor) -> np.ndarray:
+        strip = images.clamp(0, 1).permute(2, 0, 3, 1).reshape(resolution, views * resolution, 3)
+        return (strip.numpy() * 255).round().astype(np.uint8)
+
+    colour = render_batched(field, cameras, resolution, 64, shading_for("albedo"), occupancy)
+    textureless = render_batched(field, cameras, resolution, 64, shading_for("textureless"), occupancy)
+    # Normals in [-1, 1] drawn as colour on white where the object is transparent.
+    normals = textureless.normals * 0.5 + 0.5
+    normals = normals * textureless.opacity + (1 - textureless.opacity)
+    return {"renders_colour": row(colour.rgb), "renders_textureless": row(textureless.rgb),
+            "renders_normals": row(normals)}
+
+
+def write_previews(previews: dict[str, np.ndarray], directory: Path) -> dict[str, Path]:
+    paths = {}
+    for name, image in previews.items():
+        paths[name] = directory / f"{name}.png"
+        imageio.imwrite(paths[name], image)
+    return paths
+
+
 _VIEWER_TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
 <style>html,body{margin:0;height:100%;background:#f4f4f4;font-family:sans-serif}

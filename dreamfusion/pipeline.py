@@ -17,13 +17,22 @@ from typing import Any
 
 from dreamfusion.config import Config
 from dreamfusion.errors import UserInputError
-from dreamfusion.export import extract_mesh, render_turntable, write_meshes, write_videos, write_viewer
+from dreamfusion.export import (
+    extract_mesh,
+    render_previews,
+    render_turntable,
+    write_meshes,
+    write_previews,
+    write_videos,
+    write_viewer,
+)
 from dreamfusion.guidance.synthetic import SyntheticGuidance
 from dreamfusion.trainer import Trainer, TrainerCallback, read_checkpoint
 
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
-ARTIFACT_KEYS = ("mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html", "checkpoint")
+ARTIFACT_KEYS = ("mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html",
+                 "renders_colour", "renders_textureless", "renders_normals", "checkpoint")
 
 
 def prepare_output_dir(out: Path) -> Path:
@@ -56,6 +65,9 @@ def export_artifacts(trainer: Trainer, directory: Path) -> dict[str, Path]:
                               occupancy=trainer.occupancy)
     paths.update(write_videos(frames, directory, cfg.export.video_fps))
     paths["viewer_html"] = write_viewer(mesh, directory / "viewer.html", cfg.prompt)
+    previews = render_previews(trainer.field, trainer.shading, resolution=cfg.export.preview_resolution,
+                               occupancy=trainer.occupancy)
+    paths.update(write_previews(previews, directory))
     return paths
 
 
@@ -66,7 +78,9 @@ def compute_metrics(trainer: Trainer) -> dict[str, float]:
         return {}
     from dreamfusion.evaluate import evaluate_field
 
-    return evaluate_field(trainer.field, trainer.config.prompt, guidance.prior, trainer.occupancy)
+    export = trainer.config.export
+    return evaluate_field(trainer.field, trainer.config.prompt, guidance.prior, trainer.occupancy,
+                          export.eval_resolution, export.eval_samples_per_ray)
 
 
 def run_prompt(
@@ -79,21 +93,33 @@ def run_prompt(
     config.validate()
     started = time.perf_counter()
     trainer = Trainer(config, callbacks=callbacks, cache_dir=cache_dir)
+    trainer.train()
+    return finish_run(trainer, out, time.perf_counter() - started)
+
+
+def finish_run(trainer: Trainer, out: Path, wall_seconds: float) -> dict[str, Any]:
+    """Checkpoint, export and evaluate a trained ``trainer`` into ``out``; returns the summary.
+
+    Everything goes to a staging folder first; ``summary.json`` is moved in last, so its presence
+    marks a finished run and a failure leaves ``out`` as it was.
+    """
+    started = time.perf_counter()
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".incomplete-{os.getpid()}"
     try:
+        shutil.rmtree(staging, ignore_errors=True)  # left by an earlier attempt with the same pid
         staging.mkdir()
-        trainer.train()
         trainer.save_checkpoint(staging / CHECKPOINT)
         paths = export_artifacts(trainer, staging)
         paths["checkpoint"] = staging / CHECKPOINT
         metrics = compute_metrics(trainer)
         summary = {
-            "prompt": config.prompt,
-            "config": config.to_dict(),
+            "prompt": trainer.config.prompt,
+            "config": trainer.config.to_dict(),
             "iterations": trainer.step,
             "skipped_steps": trainer.skipped_steps,
-            "wall_seconds": time.perf_counter() - started,
+            "wall_seconds": wall_seconds + time.perf_counter() - started,
             "metrics": metrics,
             "artifacts": {key: path.name for key, path in paths.items()},
         }

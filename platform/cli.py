@@ -1,0 +1,67 @@
+"""The ``dreamfusion`` command: the library's commands plus ``sweep`` and ``ui``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dreamfusion import cli as library_cli
+from dreamfusion.errors import UserInputError
+
+DEFAULT_WORKSPACE = "dreamfusion-workspace"
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from dreamfusion_platform.sweep import format_table, run_sweep
+
+    table = run_sweep(Path(args.spec), Path(args.workspace), resume=args.resume, address=args.address,
+                      tracking_uri=args.tracking_uri)
+    print(format_table(table))
+    workspace = "" if args.workspace == DEFAULT_WORKSPACE else f" --workspace {args.workspace}"
+    where = f"--tracking-uri {args.tracking_uri}" if args.tracking_uri else f"dreamfusion ui{workspace}"
+    print(f"\nresults: {Path(args.workspace) / 'sweeps'}/<name>/results.parquet; browse with: {where}")
+    failed = int((table["status"] == "FAILED").sum())
+    return 1 if failed else 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from dreamfusion_platform.tracking import TrackingServer
+
+    store = Path(args.workspace) / "mlflow"
+    if not (store / "mlflow.db").exists():
+        raise UserInputError(f"{store} holds no MLflow store; run a sweep first or pass the sweep's --workspace")
+    server = TrackingServer(store, host=args.host, port=args.port)
+    with server:
+        print(f"MLflow dashboard on {server.uri} (Ctrl-C stops it)", flush=True)
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def register(sub) -> None:
+    sweep = sub.add_parser("sweep", help="run a prompt-list sweep / hyperparameter search on Ray Tune, "
+                                         "logged to MLflow")
+    sweep.add_argument("spec", help="sweep spec (YAML), e.g. experiments/quickstart.yaml")
+    sweep.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
+    sweep.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: a server over the workspace's store)")
+    sweep.add_argument("--workspace", default=DEFAULT_WORKSPACE,
+                       help=f"folder for the MLflow store, Tune state and results (default: {DEFAULT_WORKSPACE})")
+    sweep.set_defaults(func=_cmd_sweep)
+
+    ui = sub.add_parser("ui", help="the MLflow dashboard over a workspace's runs")
+    ui.add_argument("--workspace", default=DEFAULT_WORKSPACE)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    ui.set_defaults(func=_cmd_ui)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return library_cli.main(argv, extensions=[register])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

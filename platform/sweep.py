@@ -1,0 +1,331 @@
+"""The sweep driver: a spec → Ray Tune trials → MLflow runs → a results table.
+
+Workspace layout (``--workspace``)::
+
+    mlflow/        mlflow.db (sqlite store), artifacts/, server.log
+    ray/NAME/      Ray Tune's experiment state and trial checkpoints (storage_path)
+    sweeps/NAME/   sweep.json (parent run, experiment), spec.yaml, results.parquet
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator, Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from dreamfusion.errors import UserInputError
+from dreamfusion_platform import tracking
+from dreamfusion_platform.spec import EVAL_METRICS, TRAINING_METRICS, Dimension, SweepSpec, load_spec
+from dreamfusion_platform.trial import TrialContext, run_trial
+
+log = logging.getLogger(__name__)
+
+STATE = "sweep.json"
+RESULTS = "results.parquet"
+
+
+class Workspace:
+    def __init__(self, root: Path, sweep: str) -> None:
+        self.root = Path(root).resolve()
+        self.mlflow = self.root / "mlflow"
+        self.ray = self.root / "ray"
+        self.sweep = self.root / "sweeps" / sweep
+        self.state = self.sweep / STATE
+        self.results = self.sweep / RESULTS
+
+    def check_writable(self) -> None:
+        created = [p for p in [self.root, *self.root.parents] if not p.exists()]
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            raise UserInputError(f"cannot write to --workspace {self.root} ({exc.strerror}); "
+                                 "choose a writable directory") from None
+        finally:
+            for path in created:
+                if path.exists() and not any(path.iterdir()):
+                    path.rmdir()
+
+    def mlflow_uri_hint(self) -> str:
+        return f"sqlite:///{self.mlflow / 'mlflow.db'}"
+
+
+def trial_count(spec: SweepSpec) -> int:
+    grid = math.prod(len(d.values) for d in spec.space if d.distribution == "grid"
+                     or (spec.algorithm == "grid" and d.distribution == "choice"))
+    per_prompt = spec.samples_per_prompt * (grid if spec.algorithm != "optuna" else 1)
+    return len(spec.prompts) * len(spec.seeds) * per_prompt
+
+
+def _domain(dim: Dimension, algorithm: str):
+    if dim.distribution == "grid" or (dim.distribution == "choice" and algorithm == "grid"):
+        return tune.choice(list(dim.values)) if algorithm == "optuna" else tune.grid_search(list(dim.values))
+    if dim.distribution == "choice":
+        return tune.choice(list(dim.values))
+    if dim.distribution == "uniform":
+        return tune.uniform(*dim.values)
+    if dim.distribution == "loguniform":
+        return tune.loguniform(*dim.values)
+    return tune.randint(*dim.values)
+
+
+class PerPromptOptuna(Searcher):
+    """One Optuna study per (prompt, seed): each prompt gets ``samples_per_prompt`` configurations
+    suggested from its own results, so every trial is still one prompt × configuration."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        super().__init__(metric=spec.metric, mode=spec.mode)
+        space = {d.key: _domain(d, "optuna") for d in spec.space}
+        self.samples = spec.samples_per_prompt
+        self.groups = [(prompt, seed) for prompt in spec.prompts for seed in spec.seeds]
+        self.studies = [OptunaSearch(space=space, metric=spec.metric, mode=spec.mode, seed=index)
+                        for index in range(len(self.groups))]
+        self.issued = [0] * len(self.groups)
+        self.owner: dict[str, int] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec_kwargs) -> bool:
+        return True  # metric, mode and space are fixed at construction
+
+    def suggest(self, trial_id: str):
+        open_groups = [i for i, n in enumerate(self.issued) if n < self.samples]
+        if not open_groups:
+            return Searcher.FINISHED
+        group = min(open_groups, key=lambda i: self.issued[i])
+        config = self.studies[group].suggest(trial_id)
+        if config is None or config == Searcher.FINISHED:
+            return config
+        self.issued[group] += 1
+        self.owner[trial_id] = group
+        prompt, seed = self.groups[group]
+        return {**config, "prompt": prompt, "seed": seed}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.owner:
+            self.studies[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.owner:
+            self.studies[self.owner.pop(trial_id)].on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        # Tune's own experiment state, written by this searcher into the workspace: not user input.
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))  # noqa: S301
+
+
+def _trial_name(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, progress):
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    {"cpu": spec.cpus, "gpu": spec.gpus})
+    if spec.algorithm == "optuna":
+        param_space: dict[str, Any] = {}
+        search_alg = PerPromptOptuna(spec)
+        num_samples = len(spec.prompts) * len(spec.seeds) * spec.samples_per_prompt
+    else:
+        param_space = {"prompt": tune.grid_search(spec.prompts), "seed": tune.grid_search(spec.seeds),
+                       **{d.key: _domain(d, spec.algorithm) for d in spec.space}}
+        search_alg = BasicVariantGenerator(random_state=0)
+        num_samples = spec.samples_per_prompt
+    reports = math.ceil(spec.iterations / spec.report_every)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler_metric,
+                               mode=spec.scheduler_mode, max_t=reports, grace_period=spec.grace_period,
+                               reduction_factor=spec.reduction_factor)
+                 if spec.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=spec.max_concurrent_trials,
+                                    # Prompts never reach a path: trial folders are named by id only.
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(workspace.ray), verbose=0, callbacks=[progress],
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+class SweepProgress(tune.Callback):
+    """Periodic lines on stderr: trials done/running/failed, best so far, ETA."""
+
+    def __init__(self, spec: SweepSpec, total: int, interval: float = 10.0) -> None:
+        self.name, self.metric, self.mode = spec.name, spec.metric, spec.mode
+        self.total = total
+        self.interval = interval
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.best: tuple[float, str] | None = None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
+                self.best = (float(value), str(trial.config.get("prompt", ""))[:40])
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.report(trials)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.report(trials)
+
+    def report(self, trials) -> None:
+        done = sum(t.status == "TERMINATED" for t in trials)
+        failed = sum(t.status == "ERROR" for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        elapsed = time.monotonic() - self.started
+        finished = done + failed
+        eta = f", ETA {elapsed / finished * max(self.total - finished, 0) / 60:.1f} min" if finished else ""
+        best = f"; best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
+        print(f"[sweep {self.name}] {done}/{self.total} done, {running} running, {failed} failed"
+              f"{best}; {elapsed / 60:.1f} min{eta}", file=sys.stderr, flush=True)
+
+
+def results_table(result_grid, spec: SweepSpec):
+    import pandas as pd
+
+    rows = []
+    for result in result_grid:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        if result.error is not None:
+            status = "FAILED"
+        elif metrics.get("final") == 1:
+            status = "FINISHED"
+        else:
+            status = "STOPPED"  # ended early by the scheduler
+        row: dict[str, Any] = {
+            "trial_id": metrics.get("trial_id", ""),
+            "prompt": config.get("prompt"),
+            "seed": config.get("seed"),
+            **{d.key: config.get(d.key) for d in spec.space},
+            "status": status,
+            "step": metrics.get("step"),
+            **{m: metrics.get(m) for m in TRAINING_METRICS + EVAL_METRICS},
+            "wall_seconds": metrics.get("time_total_s"),
+            "mlflow_run_id": metrics.get("mlflow_run_id"),
+            "artifact_uri": metrics.get("artifact_uri"),
+            "node_id": metrics.get("node_id"),
+            "error": str(result.error).splitlines()[0][:500] if result.error is not None else None,
+        }
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for metric in EVAL_METRICS + TRAINING_METRICS:
+        if metric in table and table[metric].isna().all():
+            table = table.drop(columns=metric)
+    return table
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def close_child_runs(uri: str, experiment_id: str, parent_run_id: str, table) -> None:
+    """No trial's run stays RUNNING: a run the scheduler stopped ends KILLED, a failed one FAILED."""
+    status_of = {row.mlflow_run_id: row.status for row in table.itertuples() if row.mlflow_run_id}
+    mlflow_client = tracking.client(uri)
+    for run in tracking.child_runs(uri, experiment_id, parent_run_id):
+        if run.info.status in ("RUNNING", "SCHEDULED") or status_of.get(run.info.run_id) == "FAILED":
+            final = {"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(status_of.get(run.info.run_id), "FAILED")
+            mlflow_client.set_terminated(run.info.run_id, status=final)
+
+
+def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
+              address: str | None = None, tracking_uri: str | None = None):
+    """Run (or resume) a sweep; returns its results table (a pandas DataFrame)."""
+    spec = load_spec(spec_path)
+    ws = Workspace(workspace, spec.name)
+    ws.check_writable()
+    if resume and not ws.state.exists():
+        raise UserInputError(f"there is no sweep '{spec.name}' in {ws.root} to resume; run it without --resume")
+    if not resume and ws.state.exists():
+        raise UserInputError(f"sweep '{spec.name}' already exists in {ws.root}; pass --resume to continue it, "
+                             "or change the spec's name")
+    if address and not tracking_uri:
+        log.warning("--address without --tracking-uri: trials on other nodes cannot reach the MLflow server "
+                    "this driver starts on 127.0.0.1; pass a --tracking-uri every node can reach")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    state = json.loads(ws.state.read_text()) if resume else {}
+    if resume and state.get("tracking_uri_given") and not tracking_uri:
+        tracking_uri = state["tracking_uri_given"]
+
+    total = trial_count(spec)
+    with contextlib.ExitStack() as stack:
+        uri = tracking_uri or stack.enter_context(tracking.TrackingServer(ws.mlflow)).uri
+        params = {"prompts": len(spec.prompts), "trials": total, "algorithm": spec.algorithm,
+                  "scheduler": spec.scheduler, "metric": spec.metric, "iterations": spec.iterations,
+                  "guidance": spec.guidance, **{f"space.{d.key}": f"{d.distribution}{list(d.values)}"
+                                                for d in spec.space}}
+        experiment_id, parent_run_id = tracking.open_parent_run(uri, spec.name, params,
+                                                                state.get("parent_run_id"))
+        if not resume:
+            ws.sweep.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(spec_path, ws.sweep / "spec.yaml")
+            tracking.client(uri).log_artifact(parent_run_id, str(ws.sweep / "spec.yaml"))
+            _write_atomic(ws.state, lambda p: p.write_text(json.dumps(
+                {"name": spec.name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                 "tracking_uri_given": tracking_uri, "trials": total}, indent=2)))
+        print(f"[sweep {spec.name}] {total} trials ({len(spec.prompts)} prompts); MLflow experiment "
+              f"'{spec.name}', parent run {parent_run_id}", file=sys.stderr, flush=True)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 configure_logging=True, ignore_reinit_error=True)
+        stack.callback(ray.shutdown)
+        context = TrialContext(spec, uri, experiment_id, parent_run_id)
+        experiment_path = ws.ray / spec.name
+        if resume and tune.Tuner.can_restore(str(experiment_path)):
+            trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                            {"cpu": spec.cpus, "gpu": spec.gpus})
+            tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = build_tuner(spec, ws, context, SweepProgress(spec, total))
+        result_grid = tuner.fit()
+
+        table = results_table(result_grid, spec)
+        _write_atomic(ws.results, lambda p: table.to_parquet(p, index=False))
+        mlflow_client = tracking.client(uri)
+        mlflow_client.log_artifact(parent_run_id, str(ws.results))
+        mlflow_client.log_table(parent_run_id, table.astype({c: "string" for c in ("error",) if c in table}),
+                                "results.json")
+        close_child_runs(uri, experiment_id, parent_run_id, table)
+        failed = int((table["status"] == "FAILED").sum())
+        mlflow_client.set_terminated(parent_run_id, status="FAILED" if failed else "FINISHED")
+    return table
+
+
+def format_table(table, spec_metric: str | None = None) -> str:
+    columns = [c for c in ("prompt", "seed") if c in table]
+    columns += [c for c in table.columns if "." in c]
+    columns += [c for c in ("status", *EVAL_METRICS[:4], "loss", "wall_seconds") if c in table]
+    shown = table[columns].copy()
+    shown["prompt"] = shown["prompt"].str.slice(0, 32)
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")

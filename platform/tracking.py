@@ -1,0 +1,217 @@
+"""MLflow: the tracking server the platform starts, the sweep's parent run and each trial's child run.
+
+A trial finds its child run by a key derived from its config, so a retried or resumed trial logs
+into the run it started (no duplicates), and a trial that had already finished is not run again.
+Logging that fails (the server down for a while) is kept in memory and sent at the next flush;
+training never waits on the tracking server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from dreamfusion.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+TRIAL_KEY_TAG = "dreamfusion.trial_key"
+SWEEP_TAG = "dreamfusion.sweep"
+PARENT_TAG = "mlflow.parentRunId"
+# A trial's HTTP calls give up quickly: buffered data is sent again at the next flush.
+TRIAL_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                  # A link per trial in the driver's output drowns the progress lines.
+                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class TrackingServer:
+    """``mlflow server`` over a sqlite store and an artifact folder, serving artifacts over HTTP."""
+
+    def __init__(self, store: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.store = Path(store)
+        self.host = host
+        self.port = port or free_port(host)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", f"sqlite:///{(self.store / 'mlflow.db').resolve()}",
+                "--artifacts-destination", str((self.store / "artifacts").resolve()),
+                "--host", self.host, "--port", str(self.port), "--workers", "1"]
+
+    def start(self, timeout: float = 180.0) -> TrackingServer:
+        self.store.mkdir(parents=True, exist_ok=True)
+        log_path = self.store / "server.log"
+        with open(log_path, "ab") as server_log:
+            self.process = subprocess.Popen(self.command(), stdout=server_log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = log_path.read_text(errors="replace").splitlines()[-5:]
+                raise UserInputError(f"the MLflow server exited at start ({' | '.join(tail)}); "
+                                     f"see {log_path}, or pass --tracking-uri")
+            if self.healthy():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise UserInputError(f"the MLflow server did not answer on {self.uri} within {timeout:.0f} s; "
+                             f"see {log_path}, or pass --tracking-uri")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> TrackingServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_parent_run(uri: str, sweep: str, params: dict[str, Any], parent_run_id: str | None = None
+                    ) -> tuple[str, str]:
+    """The sweep's experiment and parent run: created, or reopened when ``parent_run_id`` is given."""
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(sweep)
+    experiment_id = experiment.experiment_id if experiment else mlflow_client.create_experiment(sweep)
+    if parent_run_id:
+        mlflow_client.update_run(parent_run_id, status="RUNNING")
+        return experiment_id, parent_run_id
+    run = mlflow_client.create_run(experiment_id, run_name=f"sweep {sweep}", tags={SWEEP_TAG: sweep})
+    mlflow_client.log_batch(run.info.run_id, params=_params(params))
+    return experiment_id, run.info.run_id
+
+
+def _params(values: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(key, str(value)[:6000]) for key, value in sorted(values.items())]
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:
+    return client(uri).search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                   max_results=10000)
+
+
+class TrialRun:
+    """One trial's child run: found by ``key`` or created; params logged once; metrics buffered."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, key: str, name: str,
+                 params: dict[str, Any], tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client = client(uri)
+        self.pending: list = []
+        found = self.client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{key}'",
+                                        max_results=1)
+        if found:
+            run = found[0]
+            self.run_id = run.info.run_id
+            self.finished_metrics: dict[str, float] | None = (
+                dict(run.data.metrics) if run.info.status == "FINISHED" else None)
+            if self.finished_metrics is None:
+                self.client.update_run(self.run_id, status="RUNNING")
+                self.client.set_tag(self.run_id, "dreamfusion.attempts",
+                                    str(int(run.data.tags.get("dreamfusion.attempts", "1")) + 1))
+            if not run.data.params:  # the first attempt died before its params reached the server
+                self.client.log_batch(self.run_id, params=_params(params))
+        else:
+            run = self.client.create_run(experiment_id, run_name=name,
+                                         tags={PARENT_TAG: parent_run_id, TRIAL_KEY_TAG: key,
+                                               "dreamfusion.attempts": "1"})
+            self.run_id = run.info.run_id
+            self.finished_metrics = None
+            self.client.log_batch(self.run_id, params=_params(params))
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.artifact_uri = run.info.artifact_uri
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+
+    def flush(self) -> bool:
+        """Send what is buffered; on failure keep it, warn, and return False."""
+        try:
+            while self.pending:
+                batch = self.pending[:MAX_BATCH_METRICS]
+                self.client.log_batch(self.run_id, metrics=batch)
+                del self.pending[:len(batch)]
+        except Exception as exc:  # noqa: BLE001 - any transport failure: keep the data, try later
+            log.warning("MLflow logging failed (%s); %d metric values kept and sent at the next flush",
+                        str(exc).splitlines()[0][:200], len(self.pending))
+            return False
+        return True
+
+    def log_artifacts(self, paths: Iterable[Path], attempts: int = 12, wait: float = 10.0) -> None:
+        for path in paths:
+            _retry(lambda p=path: self.client.log_artifact(self.run_id, str(p)), attempts, wait,
+                   f"uploading {path.name}")
+
+    def finish(self, status: str, attempts: int = 12, wait: float = 10.0) -> None:
+        def send() -> None:
+            if not self.flush():
+                raise ConnectionError("metrics not sent")
+            self.client.set_terminated(self.run_id, status=status)
+
+        _retry(send, attempts, wait, f"ending the run as {status}")
+
+
+def _retry(action, attempts: int, wait: float, what: str) -> None:
+    for attempt in range(1, attempts + 1):
+        try:
+            action()
+            return
+        except Exception as exc:  # noqa: BLE001 - transport errors of any kind are retried
+            if attempt == attempts:
+                raise
+            log.warning("MLflow: %s failed (%s); retry %d/%d in %.0f s", what, str(exc).splitlines()[0][:200],
+                        attempt, attempts - 1, wait)
+            time.sleep(wait)
+
+
+def trial_environment() -> None:
+    for key, value in TRIAL_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per report

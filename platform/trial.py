@@ -1,0 +1,128 @@
+"""One Ray Tune trial: one prompt × configuration, optimised in chunks of ``report_every`` steps.
+
+After each chunk the trial reports its metrics to Tune with a checkpoint of the whole trainer, so a
+killed trial is retried from there; the same metrics, step by step, go to the trial's MLflow run.
+At the end it exports mesh, videos, viewer and previews, evaluates, and uploads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dreamfusion.config import Config
+from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run
+from dreamfusion.trainer import Trainer
+from dreamfusion_platform.spec import TRAINING_METRICS, SweepSpec
+from dreamfusion_platform.tracking import TrialRun, trial_environment
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares; passed to trials through ``tune.with_parameters``."""
+
+    spec: SweepSpec
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def trial_key(config: Config) -> str:
+    """The identity of a trial: the hash of its full config (prompt, seed and every setting)."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def run_name(config: Config, key: str) -> str:
+    return f"{config.prompt[:48]} · seed {config.seed} · {key[:6]}"
+
+
+class ChunkMetrics:
+    """A trainer callback: per-step metrics for MLflow, and their means over a chunk for Tune."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[str, float]]] = []
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.steps = []
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.steps.append((trainer.step, metrics))
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def means(self) -> dict[str, float]:
+        out = {}
+        for key in TRAINING_METRICS:
+            values = [m[key] for _, m in self.steps if math.isfinite(m[key])]
+            out[key] = sum(values) / len(values) if values else float("nan")
+        return out
+
+
+def run_trial(params: dict[str, Any], context: TrialContext) -> None:
+    """The Tune trainable (function API)."""
+    import ray
+    import torch
+    from ray import tune
+
+    trial_environment()
+    torch.set_num_threads(max(1, int(context.spec.cpus)))
+    spec = context.spec
+    config = spec.trial_config(params)
+    key = trial_key(config)
+    node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "pid": str(os.getpid()), "gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
+    tracked = TrialRun(context.tracking_uri, context.experiment_id, context.parent_run_id, key,
+                       run_name(config, key), {"trial_key": key, **config.flat()},
+                       {"dreamfusion.prompt": config.prompt[:5000], **{f"dreamfusion.{k}": v for k, v in node.items()}})
+    identity = {"mlflow_run_id": tracked.run_id, "artifact_uri": tracked.artifact_uri, "trial_key": key, **node}
+    if tracked.finished_metrics is not None:
+        # Finished before the driver died and lost track of it: report the result, do not rerun.
+        tune.report({**tracked.finished_metrics, **identity, "step": config.iterations, "final": 1})
+        return
+
+    started = time.perf_counter()
+    chunk = ChunkMetrics()
+    trainer = Trainer(config, callbacks=[chunk])
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.load_checkpoint(Path(directory) / CHECKPOINT)
+        tracked.client.set_tag(tracked.run_id, "dreamfusion.resumed_from_step", str(trainer.step))
+    run_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    try:
+        while trainer.step < config.iterations:
+            trainer.train(until=trainer.step + spec.report_every)
+            metrics: dict[str, Any] = {**chunk.means(), "step": trainer.step,
+                                       "skipped_steps": trainer.skipped_steps}
+            for step, values in chunk.steps:
+                tracked.record(step, values)
+            final = trainer.step >= config.iterations
+            if final:
+                summary = finish_run(trainer, run_dir, time.perf_counter() - started)
+                metrics.update(summary["metrics"])
+                tracked.record(trainer.step, summary["metrics"])
+                artifacts = [run_dir / name for name in summary["artifacts"].values()]
+                tracked.log_artifacts([*artifacts, run_dir / SUMMARY])
+            elif spec.needs_eval_each_report:
+                quality = compute_metrics(trainer)
+                metrics.update(quality)
+                tracked.record(trainer.step, quality)
+            tracked.flush()
+            with tempfile.TemporaryDirectory() as directory:
+                trainer.save_checkpoint(Path(directory) / CHECKPOINT)
+                tune.report({**metrics, **identity, "final": int(final)},
+                            checkpoint=tune.Checkpoint.from_directory(directory))
+    except BaseException:
+        try:
+            tracked.finish("FAILED", attempts=2, wait=1.0)
+        finally:
+            raise
+    tracked.finish("FINISHED")

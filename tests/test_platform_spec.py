@@ -1,0 +1,152 @@
+"""Sweep specs: parsing, prompt files, validation messages, and the platform/ import mapping."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dreamfusion.errors import UserInputError
+from dreamfusion_platform.spec import load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spec(**fields):
+    return {"name": "s", "prompts": ["a red ball", "a blue cube"], **fields}
+
+
+def test_standard_platform_module_is_not_shadowed():
+    import platform
+
+    assert platform.system()  # the standard module, not the repository's platform/ folder
+    for cwd in (REPO, REPO / "tests"):
+        out = subprocess.run([sys.executable, "-c", "import platform, dreamfusion_platform.spec; "
+                              "print(platform.system(), platform.__file__)"],
+                             cwd=cwd, capture_output=True, text=True, check=True).stdout
+        assert "platform.py" in out and "/platform/" not in out.split()[1]
+
+
+def test_cli_keeps_the_standard_platform_module():
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.argv=['dreamfusion', 'prompts'];"
+                          "from dreamfusion_platform.cli import main; main(); import platform; "
+                          "print(platform.python_version())"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1].count(".") == 2
+
+
+def test_quickstart_and_shipped_specs_parse():
+    for path in sorted((REPO / "experiments").glob("*.yaml")):
+        parsed = load_spec(path)
+        assert parsed.prompts and parsed.name
+    quick = load_spec(REPO / "experiments" / "quickstart.yaml")
+    assert len(quick.prompts) >= 4
+    assert [d.values for d in quick.space if d.key == "sds.guidance_scale"][0] == (7.5, 20)
+
+
+def test_trial_config_combines_base_overrides_and_parameters(tmp_path):
+    parsed = parse_spec(spec(iterations=40, config={"render": {"resolution": 24}}, overrides=["optim.lr=0.03"],
+                             search={"algorithm": "random", "space": {"sds.guidance_scale": {"uniform": [5, 30]}}}),
+                        tmp_path)
+    config = parsed.trial_config({"prompt": "a red ball", "seed": 3, "sds.guidance_scale": 12.5})
+    assert (config.prompt, config.seed, config.iterations) == ("a red ball", 3, 40)
+    assert config.render.resolution == 24 and config.optim.lr == 0.03 and config.sds.guidance_scale == 12.5
+    assert parsed.report_every == 6  # a sixth of the iterations unless given
+
+
+def test_prompts_match_the_synthetic_prior_loosely(tmp_path):
+    parsed = parse_spec(spec(prompts=["  A RED   ball ", "a Blue Cube"]), tmp_path)
+    assert parsed.prompts == ["a red ball", "a blue cube"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl", ".parquet"])
+def test_prompt_files(tmp_path, suffix):
+    prompts = ["a red ball", "a blue cube", "a head with a face"]
+    path = tmp_path / f"prompts{suffix}"
+    if suffix == ".txt":
+        path.write_text("# the list\n" + "\n".join(prompts) + "\n\n")
+    elif suffix == ".csv":
+        path.write_text("prompt,note\n" + "\n".join(f'"{p}",x' for p in prompts) + "\n")
+    elif suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": prompts}), path)
+    assert parse_spec(spec(prompts={"file": path.name}), tmp_path).prompts == prompts
+
+
+BAD_SPECS = [
+    ({"prompts": []}, "there are no prompts"),
+    ({"prompts": ["a red ball", "A red ball"]}, "repeats prompt 1"),
+    ({"prompts": ["a purple elephant"]}, "known prompts"),
+    ({"prompts": ["a red ball\x00"]}, "control characters"),
+    ({"prompts": ["x" * 2000]}, "2000 characters"),
+    ({"prompts": [""]}, "is empty"),
+    ({"prompts": [3]}, "is not text"),
+    ({"prompts": {"file": "missing.txt"}}, "does not exist"),
+    ({"prompts": {"file": "p.csv", "column": "text"}}, "has no column 'text'"),
+    ({"name": "../escape"}, "not a plain name"),
+    ({"colour": "red"}, "unknown field 'colour'"),
+    ({"iterations": 0}, "iterations must be >= 1"),
+    ({"iterations": "many"}, "iterations must be an integer"),
+    ({"seeds": [-1]}, "seeds must be a list of integers >= 0"),
+    ({"seeds": [1, 1]}, "repeat a value"),
+    ({"resources": {"cpus": 0}}, "resources.cpus must be > 0"),
+    ({"resources": {"gpus": 1.5}}, "resources.gpus must be a fraction"),
+    ({"guidance": "dall-e"}, "guidance.backend must be one of"),
+    ({"config": {"optim.lr": -0.1}}, "optim.lr must be a positive number"),
+    ({"config": {"render.resoluton": 32}}, "unknown config key 'render.resoluton'"),
+    ({"config": {"prompt": "a red ball"}}, "set by the sweep itself"),
+    ({"overrides": ["optim.lr"]}, "is not key=value"),
+    ({"search": {"algorithm": "bayes"}}, "search.algorithm 'bayes' is unknown"),
+    ({"search": {"space": {"sds.guidance_scale": {"uniform": [30, 5]}}, "algorithm": "random"}},
+     "low (30) must be < high (5)"),
+    ({"search": {"space": {"optim.lr": {"loguniform": [0, 0.1]}}, "algorithm": "random"}},
+     "loguniform low must be > 0"),
+    ({"search": {"space": {"optim.lr": {"grid": [0.01, -0.01]}}}}, "value -0.01 is invalid"),
+    ({"search": {"space": {"sds.guidance_scale": {"grid": [".nan"]}}}}, "is invalid"),
+    ({"search": {"space": {"sds.guidance_scale": {"uniform": [5, 30]}}}}, "continuous but search.algorithm is grid"),
+    ({"search": {"space": {"sds.guidance": {"grid": [5]}}}}, "is not a config key"),
+    ({"search": {"space": {"seed": {"grid": [1, 2]}}}}, "cannot be searched"),
+    ({"search": {"space": {"optim.lr": {"normal": [0, 1]}}}}, "must be one of"),
+    ({"search": {"metric": "beauty"}}, "search.metric 'beauty' is unknown"),
+    ({"scheduler": "hyperband"}, "scheduler.type 'hyperband' is unknown"),
+    ({"scheduler": {"type": "asha", "grace_period": 10}, "iterations": 20, "report_every": 10},
+     "leaves ASHA nothing to stop"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), BAD_SPECS, ids=[m for _, m in BAD_SPECS])
+def test_bad_specs_get_one_clear_line(tmp_path, fields, message):
+    (tmp_path / "p.csv").write_text("prompt\na red ball\n")
+    data = spec(**fields)
+    if "name" in fields:
+        data["name"] = fields["name"]
+    with pytest.raises(UserInputError) as caught:
+        parse_spec(yaml.safe_load(yaml.safe_dump(data)), tmp_path)
+    text = str(caught.value)
+    assert message in text and "\n" not in text
+
+
+def test_malformed_and_non_utf8_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: s\nprompts: [a red ball\n")
+    with pytest.raises(UserInputError, match="line 3"):
+        load_spec(bad)
+    bad.write_bytes(b"name: s\nprompts: ['\xff\xfe']\n")
+    with pytest.raises(UserInputError, match="not UTF-8"):
+        load_spec(bad)
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"a red ball\n\xff\n")
+    with pytest.raises(UserInputError, match="not UTF-8"):
+        parse_spec(spec(prompts={"file": "p.txt"}), tmp_path)
+    with pytest.raises(UserInputError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "python.yaml").write_text("!!python/object/apply:os.system ['true']\n")
+    with pytest.raises(UserInputError):  # safe_load refuses to build Python objects
+        load_spec(tmp_path / "python.yaml")

@@ -1,0 +1,184 @@
+"""End-to-end sweeps on Ray Tune with MLflow: results, resume after a driver crash, trial retries,
+and scheduling on a multi-node cluster (one machine, logical GPUs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dreamfusion_platform import tracking
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_ARTIFACTS = {"mesh.glb", "mesh.obj", "mesh.ply", "turntable.webm", "turntable.gif", "viewer.html",
+                      "renders_colour.png", "renders_textureless.png", "renders_normals.png", "summary.json",
+                      "checkpoint.pt"}
+
+
+def write_spec(directory: Path, name: str, **fields) -> Path:
+    data = {
+        "name": name,
+        "prompts": ["a red ball", "a blue cube"],
+        "iterations": 4,
+        "report_every": 2,
+        "config": dict(item.split("=", 1) for item in TINY),
+        "search": {"space": {"sds.guidance_scale": {"grid": [7.5, 20]}}},
+        "resources": {"cpus": 1},
+        **fields,
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def sweep_command(spec: Path, workspace: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dreamfusion_platform.cli", "sweep", str(spec), "--workspace", str(workspace),
+            *extra]
+
+
+def store_client(workspace: Path):
+    """Reads the workspace's MLflow store directly (sqlite), as the dashboard does."""
+    return tracking.client(f"sqlite:///{workspace / 'mlflow' / 'mlflow.db'}")
+
+
+def sweep_runs(workspace: Path, name: str):
+    client = store_client(workspace)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return None, []
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if tracking.PARENT_TAG in r.data.tags]
+    return (parents[0] if parents else None), children
+
+
+def test_sweep_logs_every_trial_to_mlflow_and_writes_the_table(tmp_path):
+    spec = write_spec(tmp_path, "e2e")
+    workspace = tmp_path / "ws"
+    done = subprocess.run(sweep_command(spec, workspace), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FINISHED" in done.stdout and f"dreamfusion ui --workspace {workspace}" in done.stdout
+    assert "4/4 done" in done.stderr
+
+    parent, children = sweep_runs(workspace, "e2e")
+    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.SWEEP_TAG] == "e2e"
+    assert len(children) == 4
+    assert {c.data.tags[tracking.PARENT_TAG] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags[tracking.TRIAL_KEY_TAG] for c in children}) == 4
+    assert {(c.data.params["prompt"], c.data.params["sds.guidance_scale"]) for c in children} == {
+        (p, g) for p in ("a red ball", "a blue cube") for g in ("7.5", "20.0")}
+    client = store_client(workspace)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert 0.0 <= child.data.metrics["silhouette_iou"] <= 1.0
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3, 4]
+
+    table = pd.read_parquet(workspace / "sweeps" / "e2e" / "results.parquet")
+    assert len(table) == 4 and set(table["status"]) == {"FINISHED"}
+    assert set(table["mlflow_run_id"]) == {c.info.run_id for c in children}
+    assert {"prompt", "seed", "sds.guidance_scale", "silhouette_iou", "wall_seconds", "artifact_uri"} <= set(table)
+
+    with tracking.TrackingServer(workspace / "mlflow") as server:  # artifacts are served over HTTP
+        http = tracking.client(server.uri)
+        names = {a.path for a in http.list_artifacts(children[0].info.run_id)}
+        assert EXPECTED_ARTIFACTS <= names
+        assert {"results.parquet", "results.json", "spec.yaml"} <= {a.path for a in
+                                                                  http.list_artifacts(parent.info.run_id)}
+
+    again = subprocess.run(sweep_command(spec, workspace), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_driver_killed_mid_sweep_then_resumed_finishes_each_trial_once(tmp_path):
+    spec = write_spec(tmp_path, "crash", iterations=60, report_every=10, max_concurrent_trials=1)
+    workspace = tmp_path / "ws"
+    driver = subprocess.Popen(sweep_command(spec, workspace), stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "driver.log", "w"), start_new_session=True)
+    try:
+        def one_finished():
+            _, children = sweep_runs(workspace, "crash")
+            return [c for c in children if c.info.status == "FINISHED"]
+
+        finished_first = wait_for(one_finished, 600, "a first finished trial")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its MLflow server and its local Ray
+        driver.wait()
+    assert not (workspace / "sweeps" / "crash" / "results.parquet").exists()
+
+    resumed = subprocess.run(sweep_command(spec, workspace, "--resume"), capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    parent, children = sweep_runs(workspace, "crash")
+    keys = [c.data.tags[tracking.TRIAL_KEY_TAG] for c in children]
+    assert len(children) == 4 and len(set(keys)) == 4  # no duplicate runs
+    assert {c.info.status for c in children} == {"FINISHED"}
+    again = {c.info.run_id: c for c in children}
+    for run in finished_first:  # what had finished was not run again
+        assert again[run.info.run_id].data.tags["dreamfusion.attempts"] == "1"
+    table = pd.read_parquet(workspace / "sweeps" / "crash" / "results.parquet")
+    assert len(table) == 4 and set(table["status"]) == {"FINISHED"}
+    assert sorted(table["mlflow_run_id"]) == sorted(again)
+    assert parent.info.status == "FINISHED"
+
+
+def test_killed_trial_process_is_retried_from_its_checkpoint(tmp_path):
+    spec = write_spec(tmp_path, "retry", prompts=["a red ball"], iterations=400, report_every=20,
+                      search={"space": {}})
+    workspace = tmp_path / "ws"
+    driver = subprocess.Popen(sweep_command(spec, workspace), stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "driver.log", "w"), start_new_session=True)
+    try:
+        checkpoints = workspace / "ray" / "retry"
+        wait_for(lambda: list(checkpoints.glob("*/checkpoint_000001")), 600, "a second checkpoint")
+        _, children = sweep_runs(workspace, "retry")
+        os.kill(int(children[0].data.tags["dreamfusion.pid"]), signal.SIGKILL)
+        assert driver.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    _, children = sweep_runs(workspace, "retry")
+    assert len(children) == 1
+    run = children[0]
+    assert run.info.status == "FINISHED" and run.data.tags["dreamfusion.attempts"] == "2"
+    assert int(run.data.tags["dreamfusion.resumed_from_step"]) >= 40
+    table = pd.read_parquet(workspace / "sweeps" / "retry" / "results.parquet")
+    assert list(table["status"]) == ["FINISHED"] and table["step"].iloc[0] == 400
+
+
+def test_trials_spread_over_nodes_and_share_gpus_fractionally(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    from dreamfusion_platform.sweep import run_sweep
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        spec = write_spec(tmp_path, "cluster", iterations=40, report_every=20,
+                          resources={"cpus": 1, "gpus": 0.5})
+        table = run_sweep(spec, tmp_path / "ws", address=cluster.address)
+    finally:
+        cluster.shutdown()
+    assert set(table["status"]) == {"FINISHED"} and len(table) == 4
+    assert set(table["node_id"]) == {node.node_id for node in nodes}  # both GPU nodes, never the head
+    _, children = sweep_runs(tmp_path / "ws", "cluster")
+    assert {c.data.tags["dreamfusion.gpu_ids"] for c in children} == {"0"}  # half of each node's one GPU
