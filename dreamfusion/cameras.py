@@ -31,6 +31,9 @@ class CameraBatch:
     def slice(self, start: int, stop: int) -> CameraBatch:
         return CameraBatch(*(getattr(self, name)[start:stop] for name in self.__dataclass_fields__))
 
+    def to(self, device: torch.device | str) -> CameraBatch:
+        return CameraBatch(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
+
 
 def view_label(azimuth: float, elevation: float, front_angle: float = 90.0, overhead_elevation: float = 60.0) -> str:
     if elevation > overhead_elevation:
@@ -100,10 +103,12 @@ def sample_cameras(config: CameraConfig, count: int, generator: torch.Generator)
 
 def generate_rays(cameras: CameraBatch, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ray origins and unit directions, ``[B, H*W, 3]``, row-major from the top-left pixel."""
-    pixel = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2.0 - 1.0
+    device = cameras.positions.device
+    pixel = (torch.arange(resolution, dtype=torch.float32, device=device) + 0.5) / resolution * 2.0 - 1.0
     y, x = torch.meshgrid(-pixel, pixel, indexing="ij")
     tan_half = torch.tan(torch.deg2rad(cameras.fov_degrees) / 2.0)
-    camera_dirs = torch.stack([x.reshape(-1), y.reshape(-1), torch.ones(resolution * resolution)], dim=-1)
+    ones = torch.ones(resolution * resolution, device=device)
+    camera_dirs = torch.stack([x.reshape(-1), y.reshape(-1), ones], dim=-1)
     camera_dirs = camera_dirs[None] * torch.stack([tan_half, tan_half, torch.ones_like(tan_half)], dim=-1)[:, None]
     directions = torch.einsum("bij,bnj->bni", cameras.rotations, camera_dirs)
     directions = directions / directions.norm(dim=-1, keepdim=True)

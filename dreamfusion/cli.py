@@ -38,15 +38,20 @@ class _Progress:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from dreamfusion.config import Config, apply_overrides
+    from dreamfusion.config import BACKEND_DEFAULTS, Config, apply_backend_defaults, apply_overrides
     from dreamfusion.pipeline import prepare_output_dir, run_prompt
 
     overrides = [f"guidance.backend={args.guidance}"] + list(args.set or [])
+    if args.model:
+        overrides.append(f"guidance.model={args.model}")
     config = Config(prompt=args.prompt)
     if args.iters is not None:
         config.iterations = args.iters
     if args.seed is not None:
         config.seed = args.seed
+    config.guidance.backend = args.guidance
+    if config.guidance.backend in BACKEND_DEFAULTS:
+        apply_backend_defaults(config, {item.partition("=")[0].strip() for item in overrides})
     config = apply_overrides(config, overrides)
     if config.guidance.backend == "synthetic":
         from dreamfusion.prior.shapes import find_object
@@ -62,7 +67,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dreamfusion.pipeline import evaluate_run
 
-    print(json.dumps(evaluate_run(Path(args.dir)), indent=2))
+    print(json.dumps(evaluate_run(Path(args.dir), clip_model=args.clip,
+                                  prompt_set=Path(args.prompt_set) if args.prompt_set else None), indent=2))
     return 0
 
 
@@ -102,12 +108,16 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.A
     run.add_argument("--out", required=True, help="output directory (created; must not hold a finished run)")
     run.add_argument("--iters", type=int, help="optimisation steps (default: the config's iterations)")
     run.add_argument("--seed", type=int)
-    run.add_argument("--guidance", default="synthetic", help="guidance backend (default: synthetic)")
+    run.add_argument("--guidance", default="synthetic",
+                     help="guidance backend: synthetic (default), stable-diffusion, deepfloyd-if")
+    run.add_argument("--model", help="stable-diffusion / deepfloyd-if weights: a local directory or a hub id")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
     run.set_defaults(func=_cmd_run)
 
     ev = sub.add_parser("eval", help="recompute the metrics of a finished run")
     ev.add_argument("dir")
+    ev.add_argument("--clip", metavar="MODEL", help="CLIP model (directory or hub id) for CLIP R-precision")
+    ev.add_argument("--prompt-set", metavar="FILE", help="prompts to rank against, one per line (with --clip)")
     ev.set_defaults(func=_cmd_eval)
 
     prompts = sub.add_parser("prompts", help="list the synthetic prior's prompts")

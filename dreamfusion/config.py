@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from dreamfusion.errors import UserInputError
 
 
@@ -29,6 +31,7 @@ class FieldConfig:
     background: str = "learned"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     backend: str = "auto"
+    checkpointing: bool = False  # recompute the MLP's activations in the backward pass (less memory)
 
     def validate(self) -> None:
         _positive(self, "levels", "features_per_level", "base_resolution", "hidden_dim", "hidden_layers")
@@ -86,6 +89,7 @@ class RenderConfig:
     ambient: float = 0.3
     diffuse: float = 0.7
     textureless_albedo: float = 0.75
+    autocast: str = "off"  # the field's forward under torch.autocast: off, bf16, fp16 (CUDA only)
 
     def validate(self) -> None:
         _in_range(self, "resolution", 8, 1024)
@@ -103,6 +107,7 @@ class RenderConfig:
         _in_range(self, "ambient", 0.0, 1.0)
         _in_range(self, "diffuse", 0.0, 1.0)
         _in_range(self, "textureless_albedo", 0.0, 1.0)
+        _choice(self, "autocast", ("off", "bf16", "fp16"))
 
 
 @dataclass
@@ -154,16 +159,39 @@ class OptimConfig:
                 raise UserInputError("optim.betas must lie in [0, 1), e.g. 0.9,0.99")
 
 
+GUIDANCE_BACKENDS = ("synthetic", "stable-diffusion", "deepfloyd-if")
+DEFAULT_MODELS = {"stable-diffusion": "stabilityai/stable-diffusion-2-1-base", "deepfloyd-if": "DeepFloyd/IF-I-XL-v1.0"}
+# What a backend changes unless the user sets it: the paper's guidance scale of 100 for real models
+# (whose CFG needs it, unlike the synthetic prior's exact denoiser) and 64×64 renders.
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic": {},
+    "stable-diffusion": {"sds.guidance_scale": 100.0, "render.resolution": 64},
+    "deepfloyd-if": {"sds.guidance_scale": 100.0, "render.resolution": 64},
+}
+
+
 @dataclass
 class GuidanceConfig:
     backend: str = "synthetic"
-    model: str = ""
+    model: str = ""  # stable-diffusion / deepfloyd-if: a local directory or a Hugging Face hub id
     prior_resolution: int = 32
     prior_views: int = 128
     front_bias: float = 0.7
+    dtype: str = "auto"  # the diffusion network's precision: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
+    checkpointing: str = "auto"  # activation checkpointing: auto (DeepSpeed if installed, else torch), off
+    latent_fraction: float = 0.0  # stable-diffusion: first fraction of steps renders latent colour directly
+    compile: bool = False  # torch.compile the diffusion network
 
     def validate(self) -> None:
-        _choice(self, "backend", ("synthetic",))
+        _choice(self, "backend", GUIDANCE_BACKENDS)
+        if self.backend != "synthetic" and not self.model.strip():
+            raise UserInputError(
+                f"guidance.backend {self.backend} needs a model: pass --model PATH_OR_HUB_ID "
+                f"(e.g. {DEFAULT_MODELS[self.backend]})"
+            )
+        _choice(self, "dtype", ("auto", "fp16", "bf16", "fp32"))
+        _choice(self, "checkpointing", ("auto", "deepspeed", "torch", "off"))
+        _in_range(self, "latent_fraction", 0.0, 1.0)
         _in_range(self, "prior_resolution", 8, 256)
         _in_range(self, "prior_views", 8, 4096)
         _in_range(self, "front_bias", 0.0, 1.0)
@@ -198,6 +226,7 @@ class Config:
     prompt: str = "a red ball"
     iterations: int = 300
     seed: int = 0
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)
     render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
@@ -213,6 +242,7 @@ class Config:
             raise UserInputError(f"iterations must be >= 1, got {self.iterations}")
         if self.seed < 0:
             raise UserInputError(f"seed must be >= 0, got {self.seed}")
+        resolve_device(self.device)
         for section in _sections(self):
             getattr(self, section).validate()
         return self
@@ -236,6 +266,22 @@ class Config:
         for key, value in _flatten(data).items():
             set_value(config, key, value)
         return config.validate()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"device '{name}' asked for, but this torch sees no CUDA GPU; use --set device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserInputError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    if device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def _sections(config: Config) -> list[str]:
@@ -313,6 +359,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 def set_value(config: Config, key: str, value: Any) -> None:
     target, leaf, annotation = _resolve(config, key)
     setattr(target, leaf, _coerce(key, value, annotation))
+
+
+def apply_backend_defaults(config: Config, explicit: set[str]) -> Config:
+    """Set the guidance backend's defaults for every key the user did not set (``explicit``)."""
+    for key, value in BACKEND_DEFAULTS[config.guidance.backend].items():
+        if key not in explicit:
+            set_value(config, key, value)
+    return config
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from dreamfusion.config import FieldConfig
@@ -65,7 +66,11 @@ class NeRFField(RadianceField):
 
     def log_density_and_albedo(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder((points + 1.0) * 0.5)
-        out = self.mlp(features)
+        if self.config.checkpointing and torch.is_grad_enabled():
+            # The MLP's activations grow with the sample count; recompute them in the backward pass.
+            out = torch.utils.checkpoint.checkpoint(self.mlp, features, use_reentrant=False)
+        else:
+            out = self.mlp(features)
         log_density = out[:, 0] + self.blob(points)
         albedo = torch.sigmoid(out[:, 1:])
         return log_density, albedo

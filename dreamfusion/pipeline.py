@@ -149,10 +149,18 @@ def load_run(directory: Path, cache_dir: Path | None = None) -> tuple[Trainer, d
     return trainer, summary
 
 
-def evaluate_run(directory: Path, cache_dir: Path | None = None) -> dict[str, float]:
-    """Recompute a finished run's metrics from its checkpoint and update its summary."""
+def evaluate_run(directory: Path, cache_dir: Path | None = None, clip_model: str | None = None,
+                 prompt_set: Path | None = None) -> dict[str, float]:
+    """Recompute a finished run's metrics from its checkpoint and update its summary; with a CLIP
+    model and a prompt set, add CLIP R-precision."""
+    if clip_model and not prompt_set:
+        raise UserInputError("--clip needs --prompt-set FILE: the prompts (one per line) to rank the run's among")
     trainer, summary = load_run(directory, cache_dir)
     metrics = compute_metrics(trainer)
+    if clip_model:
+        from dreamfusion.clip_eval import clip_r_precision, read_prompt_set
+
+        metrics.update(clip_r_precision(trainer, read_prompt_set(prompt_set, trainer.config.prompt), clip_model))
     summary["metrics"] = metrics
     tmp = Path(directory) / (SUMMARY + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2))

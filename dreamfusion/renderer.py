@@ -61,9 +61,10 @@ class OccupancyGrid(nn.Module):
     @torch.no_grad()
     def update(self, field: RadianceField, generator: torch.Generator, backend: str = "auto") -> None:
         r = self.resolution
-        axis = torch.arange(r, dtype=torch.float32)
+        axis = torch.arange(r, dtype=torch.float32, device=self.density.device)
         cells = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-        points = (cells + torch.rand(cells.shape, generator=generator)) / r * 2.0 - 1.0
+        # Random numbers come from the trainer's CPU generator on every device: one seed, one run.
+        points = (cells + torch.rand(cells.shape, generator=generator).to(cells.device)) / r * 2.0 - 1.0
         log_density, _ = field.log_density_and_albedo(points)
         fresh = density_from_log(log_density).reshape(r, r, r)
         fresh = torch.where(points.norm(dim=-1).reshape(r, r, r) <= 1.0 + 2.0 / r, fresh, torch.zeros_like(fresh))
@@ -77,6 +78,14 @@ class OccupancyGrid(nn.Module):
     @property
     def occupied_fraction(self) -> float:
         return float(self.occupied.float().mean())
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters (or buffers) live; the CPU for one that has none (an analytic SDF)."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def render(
@@ -94,10 +103,12 @@ def render(
     ``backend`` picks the ray-marching and compositing kernels (``triton_kernels.resolve``).
     """
     batch = len(cameras)
+    device = module_device(field)
+    cameras = cameras.to(device)
     origins, directions = generate_rays(cameras, resolution)
     origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
     rays = origins.shape[0]
-    ray_camera = torch.arange(batch).repeat_interleave(resolution * resolution)
+    ray_camera = torch.arange(batch, device=device).repeat_interleave(resolution * resolution)
 
     # Ray/unit-sphere intersection.
     b = (origins * directions).sum(-1)
@@ -109,9 +120,9 @@ def render(
     far = torch.where(hit, -b + root, near)
 
     if generator is not None:
-        offsets = torch.rand(rays, samples_per_ray, generator=generator)
+        offsets = torch.rand(rays, samples_per_ray, generator=generator).to(device)
     else:
-        offsets = torch.full((rays, samples_per_ray), 0.5)
+        offsets = torch.full((rays, samples_per_ray), 0.5, device=device)
     kernel_backend = resolve_backend(backend, origins.device)
     points, t, keep = march_rays(
         origins, directions, near, far, offsets, occupancy.occupied if occupancy is not None else None, kernel_backend
@@ -136,8 +147,8 @@ def render(
     colour = _shade(albedo, normals, cameras.light_directions[ray_camera[sample_ray]], shading)
     sigma = density_from_log(log_density)
     total = rays * samples_per_ray
-    sigma_dense = torch.zeros(total, dtype=sigma.dtype).index_copy(0, flat_keep, sigma)
-    colour_dense = torch.zeros(total, 3, dtype=colour.dtype).index_copy(0, flat_keep, colour)
+    sigma_dense = torch.zeros(total, dtype=sigma.dtype, device=device).index_copy(0, flat_keep, sigma)
+    colour_dense = torch.zeros(total, 3, dtype=colour.dtype, device=device).index_copy(0, flat_keep, colour)
     weights, rgb, opacity, depth = composite(
         sigma_dense.reshape(rays, samples_per_ray),
         colour_dense.reshape(rays, samples_per_ray, 3),
@@ -148,12 +159,12 @@ def render(
     sample_weights = weights.reshape(-1)[flat_keep]
     rgb = rgb + (1.0 - opacity)[:, None] * field.background(directions)
 
-    orientation = torch.zeros(())
+    orientation = torch.zeros((), device=device)
     normal_image = None
     if normals is not None:
         facing_away = (normals * directions[sample_ray]).sum(-1).clamp_min(0.0) ** 2
         orientation = (sample_weights.detach() * facing_away).sum() / rays
-        normal_image = torch.zeros(rays, 3, dtype=normals.dtype).index_add(
+        normal_image = torch.zeros(rays, 3, dtype=normals.dtype, device=device).index_add(
             0, sample_ray, sample_weights[:, None] * normals
         )
 
@@ -188,12 +199,13 @@ def render_batched(
             part = cameras.slice(start, start + per_camera)
             parts.append(render(field, part, resolution, samples_per_ray, shading, occupancy))
     normals = [p.normals for p in parts]
+    # Inference results feed exports and metrics on the CPU, whatever device rendered them.
     return RenderOutput(
-        rgb=torch.cat([p.rgb for p in parts]),
-        opacity=torch.cat([p.opacity for p in parts]),
-        depth=torch.cat([p.depth for p in parts]),
-        normals=torch.cat(normals) if all(n is not None for n in normals) else None,
-        orientation_loss=torch.stack([p.orientation_loss for p in parts]).mean(),
+        rgb=torch.cat([p.rgb.cpu() for p in parts]),
+        opacity=torch.cat([p.opacity.cpu() for p in parts]),
+        depth=torch.cat([p.depth.cpu() for p in parts]),
+        normals=torch.cat([n.cpu() for n in normals]) if all(n is not None for n in normals) else None,
+        orientation_loss=torch.stack([p.orientation_loss.cpu() for p in parts]).mean(),
         samples_evaluated=sum(p.samples_evaluated for p in parts),
         samples_total=sum(p.samples_total for p in parts),
     )

@@ -40,7 +40,7 @@ def sds_loss(
     generator: torch.Generator,
     textureless: bool = False,
 ) -> SDSResult:
-    latents = guidance.encode(images)
+    latents = guidance.encode(images, progress)
     batch = latents.shape[0]
     steps = guidance.num_train_timesteps
     low, high = timestep_bounds(config, progress)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dreamfusion.cameras import sample_cameras, view_labels
-from dreamfusion.config import Config
+from dreamfusion.config import Config, resolve_device
 from dreamfusion.errors import UserInputError
 from dreamfusion.field import NeRFField
 from dreamfusion.guidance import Guidance, make_guidance
@@ -53,16 +53,17 @@ class Trainer:
         cache_dir: Path | None = None,
     ) -> None:
         self.config = config.validate()
+        self.device = resolve_device(config.device)
         try:  # fail before any work when the kernel backend cannot run here
-            resolve_backend(config.field.backend, torch.device("cpu"))
+            resolve_backend(config.field.backend, self.device)
         except BackendUnavailable as exc:
             raise UserInputError(str(exc)) from None
         # Parameter initialisation draws from the global RNG; seed it so a run is a function of its seed.
         torch.manual_seed(config.seed)
-        self.field = NeRFField(config.field)
-        self.guidance = guidance or make_guidance(config, cache_dir)
+        self.field = NeRFField(config.field).to(self.device)
+        self.guidance = (guidance or make_guidance(config, cache_dir)).to(self.device)
         self.occupancy = (
-            OccupancyGrid(config.render.occupancy_resolution, config.render.occupancy_threshold)
+            OccupancyGrid(config.render.occupancy_resolution, config.render.occupancy_threshold).to(self.device)
             if config.render.occupancy_grid
             else None
         )

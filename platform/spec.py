@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from dreamfusion.config import Config, known_keys, set_value
+from dreamfusion.config import Config, apply_backend_defaults, known_keys, set_value
 from dreamfusion.errors import UserInputError
 
 ALGORITHMS = ("grid", "random", "optuna")
@@ -82,11 +82,12 @@ class SweepSpec:
 
     def base_config(self) -> Config:
         config = Config()
+        config.guidance.backend = self.guidance
+        config.guidance.model = self.model
+        apply_backend_defaults(config, set(self.config) | {d.key for d in self.space})
         for key, value in self.config.items():
             set_value(config, key, value)
         config.iterations = self.iterations
-        config.guidance.backend = self.guidance
-        config.guidance.model = self.model
         return config
 
     def trial_config(self, params: dict[str, Any]) -> Config:

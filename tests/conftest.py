@@ -5,6 +5,8 @@ import os
 # Triton decides at kernel definition whether to interpret: set it before any kernel module loads.
 # On CPU tensors `auto` still picks the PyTorch path; only tests that ask for `triton` run kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Nothing may download in tests: model loading runs offline, on weights the tests build and save.
+os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,4 @@
-"""Guidance backends: the synthetic prior here; real diffusion models load on demand."""
+"""Guidance backends: the synthetic prior, and real diffusion models (loaded on demand)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ def make_guidance(config: Config, cache_dir: Path | None = None) -> Guidance:
         from dreamfusion.guidance.synthetic import SyntheticGuidance
 
         return SyntheticGuidance(config, cache_dir)
+    from dreamfusion.config import resolve_device
+    from dreamfusion.guidance.diffusion import DeepFloydIFGuidance, StableDiffusionGuidance
+
+    device = resolve_device(config.device)
+    if config.guidance.backend == "stable-diffusion":
+        return StableDiffusionGuidance(config, device)
+    if config.guidance.backend == "deepfloyd-if":
+        return DeepFloydIFGuidance(config, device)
     raise AssertionError(f"unvalidated guidance backend {config.guidance.backend!r}")
 
 

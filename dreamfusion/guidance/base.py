@@ -25,13 +25,18 @@ class Guidance(ABC):
 
     alphas_cumprod: torch.Tensor
 
+    def to(self, device: torch.device) -> Guidance:
+        """Move the model to ``device`` (where the field trains); returns ``self``."""
+        return self
+
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
     @abstractmethod
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` renders in [0, 1] → model inputs x_0, differentiable."""
+    def encode(self, images: torch.Tensor, progress: float = 1.0) -> torch.Tensor:
+        """``[B, 3, H, W]`` renders in [0, 1] → model inputs x_0, differentiable. ``progress`` (the
+        share of the run done) lets a backend change encoding during the run."""
 
     @abstractmethod
     def predict_noise(

@@ -19,7 +19,11 @@ class SyntheticGuidance(Guidance):
         self.prior = prior or SyntheticPrior(spec, config.camera, cache_dir)
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def to(self, device: torch.device) -> SyntheticGuidance:
+        self.prior.to(device)
+        return self
+
+    def encode(self, images: torch.Tensor, progress: float = 1.0) -> torch.Tensor:
         size = self.prior.resolution
         if images.shape[-1] != size:
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -36,7 +40,7 @@ class SyntheticGuidance(Guidance):
     ) -> torch.Tensor:
         batch = noisy.shape[0]
         flat = noisy.reshape(batch, -1)
-        alpha_bar = self.alphas_cumprod[timesteps]
+        alpha_bar = self.alphas_cumprod[timesteps.cpu()].to(noisy.device)
         # Colour renders are judged against colour photos, textureless renders against textureless ones:
         # otherwise a grey render matches the prompt's textureless photos and colour is never learned.
         kind = self.prior.textureless == textureless

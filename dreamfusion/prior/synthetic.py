@@ -150,7 +150,7 @@ class SyntheticPrior:
     def candidates(self, prompt_id: int | None, labels: list[str] | None, batch: int) -> torch.Tensor:
         """``[B, N]`` mask of the images a (prompt, view label) condition ranges over."""
         if prompt_id is None:
-            return torch.ones(batch, self.flat.shape[0], dtype=torch.bool)
+            return torch.ones(batch, self.flat.shape[0], dtype=torch.bool, device=self.flat.device)
         of_prompt = self.prompt_ids == prompt_id
         if labels is None:
             return of_prompt.expand(batch, -1)
@@ -161,8 +161,16 @@ class SyntheticPrior:
             rows.append(mask if bool((mask & self.textureless).any()) else of_prompt)
         return torch.stack(rows)
 
+    def to(self, device: torch.device) -> SyntheticPrior:
+        """Keep the photo set where the renders are (the GPU when training there)."""
+        for name in ("images", "flat", "square_norms", "prompt_ids", "textureless", "view_ids"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def posterior_mean(self, noisy: torch.Tensor, alpha_bar: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """E[x_0 | x_t] over the masked images; ``noisy`` is ``[B, D]`` in the model's [-1, 1] space."""
+        device = self.flat.device
+        noisy, alpha_bar, mask = noisy.to(device), alpha_bar.to(device), mask.to(device)
         sqrt_ab = alpha_bar.sqrt()[:, None]
         distance = (
             (noisy * noisy).sum(-1, keepdim=True)
@@ -174,7 +182,7 @@ class SyntheticPrior:
         return weights @ self.flat
 
     def _log_likelihoods(self, images: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
-        x = images.reshape(images.shape[0], -1) * 2.0 - 1.0
+        x = images.to(self.flat.device).reshape(images.shape[0], -1) * 2.0 - 1.0
         distance = (x * x).sum(-1, keepdim=True) - 2.0 * x @ self.flat.T + self.square_norms[None]
         logits = -distance / (2.0 * sigma * sigma)
         return logits.masked_fill(~mask[None], float("-inf"))
@@ -187,7 +195,7 @@ class SyntheticPrior:
         for prompt_id in range(len(OBJECTS)):
             members = kind & (self.prompt_ids == prompt_id)
             per_prompt.append(torch.logsumexp(logits[:, members], dim=-1) - math.log(int(members.sum())))
-        return torch.softmax(torch.stack(per_prompt, dim=-1), dim=-1)
+        return torch.softmax(torch.stack(per_prompt, dim=-1), dim=-1).cpu()
 
     def classify_views(self, images: torch.Tensor, prompt_id: int, sigma: float = 0.5) -> list[str]:
         """Most probable view label of each colour image among one prompt's photos."""

@@ -1,0 +1,190 @@
+"""Real diffusion models through diffusers: Stable Diffusion (latent) and DeepFloyd IF stage I (pixels).
+
+Both load their parts from a local directory or a Hugging Face hub id, in the layout diffusers
+pipelines are saved in (``tokenizer/``, ``text_encoder/``, ``unet/``, ``scheduler/``, and ``vae/``
+for Stable Diffusion), from safetensors only. The text embeddings of the prompt with each view
+suffix (", front view", ...) and of the empty prompt are computed once, then the text encoder is
+freed: SDS only ever needs those few embeddings.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dreamfusion.config import Config
+from dreamfusion.errors import UserInputError
+from dreamfusion.guidance.base import Guidance
+from dreamfusion.memory import checkpointer
+
+log = logging.getLogger(__name__)
+
+VIEW_SUFFIXES = ("front", "side", "back", "overhead")
+# The widely used linear preview of Stable Diffusion's scaled latents as RGB in [-1, 1]; its
+# pseudo-inverse maps a render's colour to latents for the latent-colour warm-up.
+_LATENT_TO_RGB = torch.tensor([
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+])
+_RGB_TO_LATENT = torch.linalg.pinv(_LATENT_TO_RGB)  # [3, 4]
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _load(loader, model: str, subfolder: str, **kwargs):
+    """``loader.from_pretrained`` with one clear error for every way weights can be missing."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    local = Path(model).expanduser()
+    source = str(local) if local.exists() else model
+    if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise UserInputError(f"model directory {model} does not exist; give the folder a diffusers pipeline "
+                             "was saved to (save_pretrained), or a hub id such as "
+                             "stabilityai/stable-diffusion-2-1-base")
+    try:
+        return loader.from_pretrained(source, subfolder=subfolder, local_files_only=offline or local.exists(),
+                                      **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        where = "offline (HF_HUB_OFFLINE=1)" if offline else "and could not be downloaded"
+        raise UserInputError(
+            f"cannot load {subfolder}/ of model '{model}' ({first}); it is not on this machine {where}: "
+            f"download it where there is internet (huggingface-cli download {model}) and pass its local "
+            "directory with --model, or check the id (gated models need `huggingface-cli login`)"
+        ) from None
+
+
+class DiffusersGuidance(Guidance):
+    """What Stable Diffusion and DeepFloyd IF share: text embeddings per view, CFG, precision."""
+
+    text_encoder_class: str
+    max_length: int | None = None
+    uses_attention_mask = False
+
+    def __init__(self, config: Config, device: torch.device | None = None) -> None:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.device = device or torch.device("cpu")
+        self.dtype = _dtype(config.guidance.dtype, self.device)
+        model = config.guidance.model
+        tokenizer = _load(AutoTokenizer, model, "tokenizer")
+        text_encoder = _load(self._text_encoder_loader(), model, "text_encoder", use_safetensors=True)
+        self.unet = _load(UNet2DConditionModel, model, "unet", use_safetensors=True)
+        scheduler = _load(DDPMScheduler, model, "scheduler")
+        self.alphas_cumprod = scheduler.alphas_cumprod.float().cpu()
+        self.embeddings = self._embed_prompts(tokenizer, text_encoder.to(self.device), config.prompt)
+        del text_encoder, tokenizer  # never needed again: free it before the UNet takes the memory
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.unet = self._freeze(self.unet)  # diffusers' default attention is torch's SDPA
+        if config.guidance.compile:
+            self.unet = torch.compile(self.unet)
+
+    def _text_encoder_loader(self):
+        import transformers
+
+        return getattr(transformers, self.text_encoder_class)
+
+    def _freeze(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = module.to(self.device, self.dtype).eval()
+        module.requires_grad_(False)
+        return module
+
+    @torch.no_grad()
+    def _embed_prompts(self, tokenizer, text_encoder, prompt: str) -> dict[str | None, torch.Tensor]:
+        texts = {None: prompt, "": "", **{view: f"{prompt}, {view} view" for view in VIEW_SUFFIXES}}
+        length = self.max_length or tokenizer.model_max_length
+        tokens = tokenizer(list(texts.values()), padding="max_length", max_length=length, truncation=True,
+                           return_tensors="pt")
+        kwargs = {"attention_mask": tokens.attention_mask.to(self.device)} if self.uses_attention_mask else {}
+        hidden = text_encoder(tokens.input_ids.to(self.device), **kwargs)[0]
+        return {key: hidden[i].to(self.dtype) for i, key in enumerate(texts)}
+
+    def to(self, device: torch.device) -> DiffusersGuidance:
+        if device != self.device:
+            self.device = device
+            self.unet = self.unet.to(device)
+            self.embeddings = {k: v.to(device) for k, v in self.embeddings.items()}
+        return self
+
+    def condition(self, view_labels: list[str] | None, batch: int) -> torch.Tensor:
+        if view_labels is None:
+            return self.embeddings[None].expand(batch, -1, -1)
+        return torch.stack([self.embeddings[label] for label in view_labels])
+
+    @torch.no_grad()
+    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, view_labels: list[str] | None,
+                      guidance_scale: float, textureless: bool = False) -> torch.Tensor:
+        batch = noisy.shape[0]
+        inputs = torch.cat([noisy, noisy]).to(self.device, self.dtype)
+        steps = torch.cat([timesteps, timesteps]).to(self.device)
+        text = torch.cat([self.embeddings[""].expand(batch, -1, -1), self.condition(view_labels, batch)])
+        output = self.unet(inputs, steps, encoder_hidden_states=text).sample.float()
+        output = output[:, : noisy.shape[1]]  # IF also predicts the variance: keep the noise channels
+        unconditional, conditional = output.chunk(2)
+        return (unconditional + guidance_scale * (conditional - unconditional)).to(noisy.dtype)
+
+
+class StableDiffusionGuidance(DiffusersGuidance):
+    """Latent SDS: render → 512×512 → VAE encoder (backpropagated) → 4×64×64 latents."""
+
+    text_encoder_class = "CLIPTextModel"
+
+    def __init__(self, config: Config, device: torch.device | None = None) -> None:
+        from diffusers import AutoencoderKL
+
+        super().__init__(config, device)
+        self.vae = self._freeze(_load(AutoencoderKL, config.guidance.model, "vae", use_safetensors=True))
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.image_size = int(self.vae.config.sample_size)
+        self.latent_size = self.image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.checkpoint = checkpointer(config.guidance.checkpointing)
+
+    def to(self, device: torch.device) -> StableDiffusionGuidance:
+        if device != self.device:
+            self.vae = self.vae.to(device)
+        super().to(device)
+        return self
+
+    def _encode_vae(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels).latent_dist.mean
+
+    def encode(self, images: torch.Tensor, progress: float = 1.0) -> torch.Tensor:
+        if progress < self.config.guidance.latent_fraction:
+            # NVIDIA's latent-colour warm-up: the render's colour stands in for the latents directly.
+            small = F.interpolate(images, size=(self.latent_size,) * 2, mode="bilinear", align_corners=False)
+            return torch.einsum("cl,bchw->blhw", _RGB_TO_LATENT.to(small), small * 2.0 - 1.0)
+        pixels = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        pixels = (pixels * 2.0 - 1.0).to(self.dtype)
+        latents = self.checkpoint(self._encode_vae, pixels)
+        return latents.float() * self.scaling_factor
+
+
+class DeepFloydIFGuidance(DiffusersGuidance):
+    """Pixel-space SDS with IF stage I at 64×64 (Imagen's base model, as in the paper)."""
+
+    text_encoder_class = "T5EncoderModel"
+    uses_attention_mask = True
+    max_length = 77
+
+    def __init__(self, config: Config, device: torch.device | None = None) -> None:
+        super().__init__(config, device)
+        self.image_size = int(self.unet.config.sample_size)
+
+    def encode(self, images: torch.Tensor, progress: float = 1.0) -> torch.Tensor:
+        pixels = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", align_corners=False,
+                               antialias=True)
+        return pixels * 2.0 - 1.0
