@@ -242,7 +242,7 @@ class Config:
             raise UserInputError(f"iterations must be >= 1, got {self.iterations}")
         if self.seed < 0:
             raise UserInputError(f"seed must be >= 0, got {self.seed}")
-        resolve_device(self.device)
+        parse_device(self.device)  # syntax only: a sweep's driver may have no GPU while its workers do
         for section in _sections(self):
             getattr(self, section).validate()
         return self
@@ -268,19 +268,28 @@ class Config:
         return config.validate()
 
 
-def resolve_device(name: str) -> torch.device:
+def parse_device(name: str) -> torch.device | None:
+    """The device a name stands for (None for auto), without asking whether this machine has it."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserInputError(f"device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device to run on, here: ``auto`` is CUDA when this machine has it."""
+    device = parse_device(name)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError(f"device '{name}' asked for, but this torch sees no CUDA GPU; use --set device=cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserInputError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) visible")
-    if device.type not in ("cpu", "cuda"):
-        raise UserInputError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 

@@ -22,12 +22,14 @@ from dreamfusion.config import Config, resolve_device
 from dreamfusion.errors import UserInputError
 from dreamfusion.field import NeRFField
 from dreamfusion.guidance import Guidance, make_guidance
+from dreamfusion.memory import out_of_memory_message
 from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, Shading, render
 from dreamfusion.sds import sds_loss
 from triton_kernels import BackendUnavailable
 from triton_kernels import resolve as resolve_backend
 
 CHECKPOINT_FORMAT = 1
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class CheckpointError(ValueError):
@@ -54,6 +56,8 @@ class Trainer:
     ) -> None:
         self.config = config.validate()
         self.device = resolve_device(config.device)
+        if config.render.autocast == "fp16" and self.device.type == "cpu":
+            raise UserInputError("render.autocast=fp16 needs a CUDA device; on the CPU use render.autocast=bf16")
         try:  # fail before any work when the kernel backend cannot run here
             resolve_backend(config.field.backend, self.device)
         except BackendUnavailable as exc:
@@ -99,6 +103,13 @@ class Trainer:
         return Shading(mode, r.ambient, r.diffuse, r.textureless_albedo)
 
     def train_step(self) -> dict[str, float]:
+        try:
+            return self._train_step()
+        except torch.OutOfMemoryError as exc:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise UserInputError(out_of_memory_message(exc, self.config)) from None
+
+    def _train_step(self) -> dict[str, float]:
         started = time.perf_counter()
         cfg = self.config
         if self.occupancy is not None and self.step % cfg.render.occupancy_update_every == 0:
@@ -106,13 +117,14 @@ class Trainer:
         shading = self._shading_for_step()
         cameras = sample_cameras(cfg.camera, cfg.render.batch_size, self.generator)
         labels = view_labels(cameras, cfg.camera) if cfg.sds.view_dependent else None
-        output = render(
-            self.field, cameras, cfg.render.resolution, cfg.render.samples_per_ray, shading, self.occupancy,
-            self.generator, cfg.field.backend,
-        )
-        sds = sds_loss(
-            self.guidance, output.rgb, labels, cfg.sds, self.progress, self.generator, shading.mode == "textureless"
-        )
+        with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(cfg.render.autocast),
+                            enabled=cfg.render.autocast != "off"):
+            output = render(
+                self.field, cameras, cfg.render.resolution, cfg.render.samples_per_ray, shading, self.occupancy,
+                self.generator, cfg.field.backend,
+            )
+        textureless = shading.mode == "textureless"
+        sds = sds_loss(self.guidance, output.rgb.float(), labels, cfg.sds, self.progress, self.generator, textureless)
         # Regularisers are summed per image, like the SDS surrogate, so their weights do not depend on
         # the render resolution and compare directly with the SDS gradient per pixel.
         batch = output.opacity.shape[0]

@@ -228,3 +228,29 @@ def test_clip_r_precision_from_the_cli(tmp_path, tiny_clip, capsys):
         assert 0.0 <= metrics[name] <= 1.0
     assert metrics["clip_prompt_set_size"] == 3.0
     assert main(["eval", str(out), "--clip", str(tiny_clip)]) == 2
+
+
+def test_field_under_bf16_autocast_trains():
+    from tests.conftest import tiny_config
+
+    trainer = Trainer(apply_overrides(tiny_config("a red ball"), ["render.autocast=bf16"]))
+    for _ in range(3):
+        metrics = trainer.train_step()
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and trainer.skipped_steps == 0
+    with pytest.raises(UserInputError, match="needs a CUDA device"):
+        Trainer(apply_overrides(tiny_config("a red ball"), ["render.autocast=fp16", "device=cpu"]))
+
+
+def test_out_of_memory_names_the_knobs(monkeypatch):
+    from tests.conftest import tiny_config
+
+    trainer = Trainer(tiny_config("a red ball"))
+
+    def exhausted():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "_train_step", exhausted)
+    with pytest.raises(UserInputError) as caught:
+        trainer.train_step()
+    for knob in ("render.resolution", "render.batch_size", "guidance.checkpointing", "guidance.dtype"):
+        assert knob in str(caught.value)

@@ -14,7 +14,7 @@ class NetworkGuidance(Guidance):
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
         self.calls = []
 
-    def encode(self, images):
+    def encode(self, images, progress=1.0):
         return images * 2 - 1
 
     def predict_noise(self, noisy, timesteps, view_labels, guidance_scale, textureless=False):

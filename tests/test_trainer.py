@@ -45,7 +45,7 @@ def test_nan_guard_skips_and_counts_poisoned_steps():
     config = tiny_config(iterations=3)
 
     class PoisonedGuidance(SyntheticGuidance):
-        def encode(self, images):
+        def encode(self, images, progress=1.0):
             return super().encode(images) * float("nan")
 
     trainer = Trainer(config, guidance=PoisonedGuidance(config))

@@ -71,7 +71,9 @@ class DiffusersGuidance(Guidance):
     max_length: int | None = None
     uses_attention_mask = False
 
-    def __init__(self, config: Config, device: torch.device | None = None) -> None:
+    def __init__(self, config: Config, device: torch.device | None = None, components: dict | None = None) -> None:
+        """Loads ``config.guidance.model``; or takes ready ``components`` (``unet``, ``scheduler``,
+        ``embeddings`` and for Stable Diffusion ``vae``), as the benchmark does with random weights."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer
 
@@ -79,17 +81,19 @@ class DiffusersGuidance(Guidance):
         self.device = device or torch.device("cpu")
         self.dtype = _dtype(config.guidance.dtype, self.device)
         model = config.guidance.model
-        tokenizer = _load(AutoTokenizer, model, "tokenizer")
-        text_encoder = _load(self._text_encoder_loader(), model, "text_encoder", use_safetensors=True)
-        self.unet = _load(UNet2DConditionModel, model, "unet", use_safetensors=True)
-        scheduler = _load(DDPMScheduler, model, "scheduler")
-        self.alphas_cumprod = scheduler.alphas_cumprod.float().cpu()
-        self.embeddings = self._embed_prompts(tokenizer, text_encoder.to(self.device), config.prompt)
-        del text_encoder, tokenizer  # never needed again: free it before the UNet takes the memory
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.unet = self._freeze(self.unet)  # diffusers' default attention is torch's SDPA
+        if components is None:
+            tokenizer = _load(AutoTokenizer, model, "tokenizer")
+            text_encoder = _load(self._text_encoder_loader(), model, "text_encoder", use_safetensors=True)
+            components = {"unet": _load(UNet2DConditionModel, model, "unet", use_safetensors=True),
+                          "scheduler": _load(DDPMScheduler, model, "scheduler"),
+                          "embeddings": self._embed_prompts(tokenizer, text_encoder.to(self.device), config.prompt)}
+            del text_encoder, tokenizer  # never needed again: free it before the UNet takes the memory
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.alphas_cumprod = components["scheduler"].alphas_cumprod.float().cpu()
+        self.embeddings = {key: value.to(self.device, self.dtype) for key, value in components["embeddings"].items()}
+        self.unet = self._freeze(components["unet"])  # diffusers' default attention is torch's SDPA
         if config.guidance.compile:
             self.unet = torch.compile(self.unet)
 
@@ -111,7 +115,7 @@ class DiffusersGuidance(Guidance):
                            return_tensors="pt")
         kwargs = {"attention_mask": tokens.attention_mask.to(self.device)} if self.uses_attention_mask else {}
         hidden = text_encoder(tokens.input_ids.to(self.device), **kwargs)[0]
-        return {key: hidden[i].to(self.dtype) for i, key in enumerate(texts)}
+        return {key: hidden[i] for i, key in enumerate(texts)}
 
     def to(self, device: torch.device) -> DiffusersGuidance:
         if device != self.device:
@@ -143,11 +147,13 @@ class StableDiffusionGuidance(DiffusersGuidance):
 
     text_encoder_class = "CLIPTextModel"
 
-    def __init__(self, config: Config, device: torch.device | None = None) -> None:
+    def __init__(self, config: Config, device: torch.device | None = None, components: dict | None = None) -> None:
         from diffusers import AutoencoderKL
 
-        super().__init__(config, device)
-        self.vae = self._freeze(_load(AutoencoderKL, config.guidance.model, "vae", use_safetensors=True))
+        super().__init__(config, device, components)
+        vae = components["vae"] if components else _load(AutoencoderKL, config.guidance.model, "vae",
+                                                         use_safetensors=True)
+        self.vae = self._freeze(vae)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.image_size = int(self.vae.config.sample_size)
         self.latent_size = self.image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -180,8 +186,8 @@ class DeepFloydIFGuidance(DiffusersGuidance):
     uses_attention_mask = True
     max_length = 77
 
-    def __init__(self, config: Config, device: torch.device | None = None) -> None:
-        super().__init__(config, device)
+    def __init__(self, config: Config, device: torch.device | None = None, components: dict | None = None) -> None:
+        super().__init__(config, device, components)
         self.image_size = int(self.unet.config.sample_size)
 
     def encode(self, images: torch.Tensor, progress: float = 1.0) -> torch.Tensor:
