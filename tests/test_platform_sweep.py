@@ -3,6 +3,7 @@ and scheduling on a multi-node cluster (one machine, logical GPUs)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -98,6 +99,14 @@ def test_sweep_logs_every_trial_to_mlflow_and_writes_the_table(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
 
 
+def trial_results(workspace: Path, name: str) -> list[dict]:
+    """The reports Tune has written so far (read from its files: the MLflow store may be mid-migration)."""
+    reports = []
+    for path in (workspace / "ray" / name).glob("trial_*/result.json"):
+        reports += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return reports
+
+
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -114,11 +123,9 @@ def test_driver_killed_mid_sweep_then_resumed_finishes_each_trial_once(tmp_path)
     driver = subprocess.Popen(sweep_command(spec, workspace), stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / "driver.log", "w"), start_new_session=True)
     try:
-        def one_finished():
-            _, children = sweep_runs(workspace, "crash")
-            return [c for c in children if c.info.status == "FINISHED"]
-
-        finished_first = wait_for(one_finished, 600, "a first finished trial")
+        finished_first = wait_for(lambda: [r["mlflow_run_id"] for r in trial_results(workspace, "crash")
+                                           if r.get("final") == 1], 600, "a first finished trial")
+        time.sleep(2.0)  # its MLflow run is ended right after its last report
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver, its MLflow server and its local Ray
         driver.wait()
@@ -132,8 +139,8 @@ def test_driver_killed_mid_sweep_then_resumed_finishes_each_trial_once(tmp_path)
     assert len(children) == 4 and len(set(keys)) == 4  # no duplicate runs
     assert {c.info.status for c in children} == {"FINISHED"}
     again = {c.info.run_id: c for c in children}
-    for run in finished_first:  # what had finished was not run again
-        assert again[run.info.run_id].data.tags["dreamfusion.attempts"] == "1"
+    for run_id in finished_first:  # what had finished was not run again
+        assert again[run_id].data.tags["dreamfusion.attempts"] == "1"
     table = pd.read_parquet(workspace / "sweeps" / "crash" / "results.parquet")
     assert len(table) == 4 and set(table["status"]) == {"FINISHED"}
     assert sorted(table["mlflow_run_id"]) == sorted(again)
@@ -147,10 +154,9 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(tmp_path):
     driver = subprocess.Popen(sweep_command(spec, workspace), stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / "driver.log", "w"), start_new_session=True)
     try:
-        checkpoints = workspace / "ray" / "retry"
-        wait_for(lambda: list(checkpoints.glob("*/checkpoint_000001")), 600, "a second checkpoint")
-        _, children = sweep_runs(workspace, "retry")
-        os.kill(int(children[0].data.tags["dreamfusion.pid"]), signal.SIGKILL)
+        reports = wait_for(lambda: [r for r in trial_results(workspace, "retry") if r["step"] >= 40], 600,
+                           "a second checkpoint")
+        os.kill(int(reports[0]["pid"]), signal.SIGKILL)
         assert driver.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     finally:
         if driver.poll() is None:
