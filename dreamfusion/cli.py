@@ -20,14 +20,15 @@ class _Progress:
     """A tqdm bar on a terminal; periodic lines with ETA when stderr is a log file."""
 
     def __init__(self, total: int, label: str) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=label, unit="step", dynamic_ncols=True,
-                        mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+        self.total, self.label = total, label
+        self.bar = None
 
     def on_train_start(self, trainer) -> None:
-        self.bar.n = trainer.step
-        self.bar.refresh()
+        from tqdm import tqdm
+
+        # Created here, not before the trainer: a run refused at set-up prints its error line alone.
+        self.bar = tqdm(total=self.total, desc=self.label, unit="step", dynamic_ncols=True, initial=trainer.step,
+                        mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
 
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
         self.bar.set_postfix(loss=f"{metrics['loss']:.3g}", t=f"{metrics['timestep']:.2f}", refresh=False)

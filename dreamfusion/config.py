@@ -160,6 +160,7 @@ class OptimConfig:
 
 
 GUIDANCE_BACKENDS = ("synthetic", "stable-diffusion", "deepfloyd-if")
+MAX_PROMPT_CHARS = 1000
 DEFAULT_MODELS = {"stable-diffusion": "stabilityai/stable-diffusion-2-1-base", "deepfloyd-if": "DeepFloyd/IF-I-XL-v1.0"}
 # What a backend changes unless the user sets it: the paper's guidance scale of 100 for real models
 # (whose CFG needs it, unlike the synthetic prior's exact denoiser) and 64×64 renders.
@@ -238,6 +239,10 @@ class Config:
     def validate(self) -> Config:
         if not self.prompt.strip():
             raise UserInputError("the prompt is empty: give a text prompt, e.g. 'a red ball'")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise UserInputError(f"the prompt has {len(self.prompt)} characters; shorten it to {MAX_PROMPT_CHARS}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.prompt):
+            raise UserInputError("the prompt contains control characters (newline, NUL, ...); remove them")
         if self.iterations < 1:
             raise UserInputError(f"iterations must be >= 1, got {self.iterations}")
         if self.seed < 0:

@@ -6,6 +6,7 @@ when the run has finished, so a failed or interrupted run leaves nothing half-wr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from dreamfusion.guidance.synthetic import SyntheticGuidance
 from dreamfusion.trainer import Trainer, TrainerCallback, read_checkpoint
 
 SUMMARY = "summary.json"
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 CHECKPOINT = "checkpoint.pt"
 ARTIFACT_KEYS = ("mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html",
                  "renders_colour", "renders_textureless", "renders_normals", "checkpoint")
@@ -129,10 +131,13 @@ def finish_run(trainer: Trainer, out: Path, wall_seconds: float) -> dict[str, An
                 os.replace(item, out / item.name)
         os.replace(staging / SUMMARY, out / SUMMARY)  # last: its presence marks a finished run
         staging.rmdir()
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if out.exists() and not any(out.iterdir()):
             out.rmdir()
+        if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRORS:
+            raise UserInputError(f"writing the run to {out} failed ({exc.strerror}); nothing was left there: "
+                                 "free some space or choose a writable --out, then run again") from None
         raise
     return summary
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from dreamfusion.config import Config, apply_backend_defaults, known_keys, set_value
+from dreamfusion.config import MAX_PROMPT_CHARS, Config, apply_backend_defaults, known_keys, set_value
 from dreamfusion.errors import UserInputError
 
 ALGORITHMS = ("grid", "random", "optuna")
@@ -26,7 +26,6 @@ TRAINING_METRICS = ("loss", "sds_loss", "opacity_mean", "sds_gradient_norm")
 # scheduler or searcher needs them.
 EVAL_METRICS = ("silhouette_iou", "psnr", "r_precision_colour", "r_precision_textureless",
                 "janus_rate", "front_recall")
-MAX_PROMPT_CHARS = 1000
 RESERVED_KEYS = ("prompt", "seed")  # set by the sweep's own fields, one trial per value
 TOP_LEVEL = {
     "name": "a sweep name (letters, digits, '-', '_', '.'), e.g. name: quickstart",

@@ -179,8 +179,10 @@ class SweepProgress(tune.Callback):
         self.started = time.monotonic()
         self.last = 0.0
         self.best: tuple[float, str] | None = None
+        self.backlog: dict[str, int] = {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.backlog[trial.trial_id] = int(result.get("mlflow_backlog", 0))
         value = result.get(self.metric)
         if isinstance(value, int | float) and math.isfinite(value):
             if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
@@ -205,6 +207,10 @@ class SweepProgress(tune.Callback):
         best = f"; best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
         print(f"[sweep {self.name}] {done}/{self.total} done, {running} running, {failed} failed"
               f"{best}; {elapsed / 60:.1f} min{eta}", file=sys.stderr, flush=True)
+        waiting = sum(self.backlog.values())
+        if waiting:
+            print(f"[sweep {self.name}] warning: {waiting} metric values wait for the MLflow tracking server "
+                  "(unreachable?); trials keep training and send them when it answers", file=sys.stderr, flush=True)
 
 
 def results_table(result_grid, spec: SweepSpec):

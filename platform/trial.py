@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -20,9 +21,11 @@ from typing import Any
 
 from dreamfusion.config import Config
 from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run
-from dreamfusion.trainer import Trainer
+from dreamfusion.trainer import CheckpointError, Trainer
 from dreamfusion_platform.spec import TRAINING_METRICS, SweepSpec
 from dreamfusion_platform.tracking import TrialRun, trial_environment
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,31 @@ class ChunkMetrics:
         return out
 
 
+def restore_newest_readable(trainer: Trainer, checkpoint) -> None:
+    """Load Tune's latest checkpoint of this trial or, when it is corrupt or truncated, the newest one
+    kept before it (``num_to_keep=2``); with none readable the trial starts again from step 0."""
+    latest = Path(checkpoint.path)
+    if latest.is_dir():  # shared or local storage: the older checkpoints lie beside it
+        older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.name < latest.name), reverse=True)
+        candidates = [latest, *older]
+    else:
+        candidates = []
+    for candidate in candidates:
+        try:
+            trainer.load_checkpoint(candidate / CHECKPOINT)
+            return
+        except (CheckpointError, FileNotFoundError) as exc:
+            log.warning("checkpoint %s is unusable (%s); trying the one before it", candidate.name, exc)
+    if not candidates:  # remote storage: Tune downloads the latest only
+        with checkpoint.as_directory() as directory:
+            try:
+                trainer.load_checkpoint(Path(directory) / CHECKPOINT)
+                return
+            except (CheckpointError, FileNotFoundError) as exc:
+                log.warning("checkpoint %s is unusable (%s)", checkpoint.path, exc)
+    log.warning("no usable checkpoint: the trial starts again from step 0")
+
+
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     """The Tune trainable (function API)."""
     import ray
@@ -93,8 +121,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     trainer = Trainer(config, callbacks=[chunk])
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trainer.load_checkpoint(Path(directory) / CHECKPOINT)
+        restore_newest_readable(trainer, checkpoint)
         tracked.client.set_tag(tracked.run_id, "dreamfusion.resumed_from_step", str(trainer.step))
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     try:
@@ -116,6 +143,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                 metrics.update(quality)
                 tracked.record(trainer.step, quality)
             tracked.flush()
+            metrics["mlflow_backlog"] = len(tracked.pending)  # > 0 while the tracking server is unreachable
             with tempfile.TemporaryDirectory() as directory:
                 trainer.save_checkpoint(Path(directory) / CHECKPOINT)
                 tune.report({**metrics, **identity, "final": int(final)},
