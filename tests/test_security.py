@@ -1,0 +1,105 @@
+"""Security: hostile prompts stay metadata, never paths; no unsafe loaders; servers on loopback only."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamfusion.config import Config
+from dreamfusion.errors import UserInputError
+from dreamfusion.export import write_viewer
+from dreamfusion.guidance.base import Guidance, scaled_linear_alphas_cumprod
+from dreamfusion.pipeline import finish_run
+from dreamfusion.trainer import Trainer
+from dreamfusion_platform import tracking
+from dreamfusion_platform.cli import register
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = [p for folder in ("dreamfusion", "platform", "triton_kernels") for p in (REPO / folder).rglob("*.py")]
+HOSTILE = ["../../../../tmp/owned", "/etc/passwd", "..\\..\\windows\\system32", "a/b/../../c", "~/.ssh/id_rsa",
+           "$(touch pwned)", "<script>alert(1)</script>", "x" * 1000]
+
+
+class AnyPromptGuidance(Guidance):
+    """A stand-in for a real model, so any prompt text can be run."""
+
+    def __init__(self) -> None:
+        self.alphas_cumprod = scaled_linear_alphas_cumprod()
+
+    def encode(self, images, progress=1.0):
+        return images * 2 - 1
+
+    def predict_noise(self, noisy, timesteps, view_labels, guidance_scale, textureless=False):
+        return torch.zeros_like(noisy)
+
+
+@pytest.mark.parametrize("prompt", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_prompts_write_only_fixed_names_inside_the_run(tmp_path, prompt):
+    config = tiny_config()
+    config.prompt = prompt
+    trainer = Trainer(config.validate(), guidance=AnyPromptGuidance())
+    trainer.train(until=2)
+    out = tmp_path / "runs" / "one"
+    summary = finish_run(trainer, out, 0.0)
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {Path("runs/one") / name for name in [*summary["artifacts"].values(), "summary.json"]}
+    assert summary["prompt"] == prompt  # kept as metadata, verbatim
+    html = (out / "viewer.html").read_text()
+    assert "<script>alert(1)</script>" not in html
+
+
+@pytest.mark.parametrize("prompt", ["a red ball\x00", "a\nb", "\x1b[31mred", "x" * 1001])
+def test_prompts_with_control_characters_or_thousands_of_characters_are_refused(prompt):
+    with pytest.raises(UserInputError):
+        Config(prompt=prompt).validate()
+
+
+def test_viewer_title_is_escaped(tmp_path):
+    import trimesh
+
+    mesh = trimesh.creation.box()
+    html = write_viewer(mesh, tmp_path / "viewer.html", '</script><img src=x onerror="alert(1)">').read_text()
+    assert "onerror=\"alert" not in html and "&lt;/script&gt;" in html
+
+
+def test_trial_folders_are_named_by_id_only():
+    from dreamfusion_platform.sweep import _trial_name
+
+    class Trial:
+        trial_id = "a1b2c_00003"
+        config = {"prompt": "../../../etc/passwd"}
+
+    assert _trial_name(Trial()) == "trial_a1b2c_00003"
+
+
+def test_no_unsafe_loaders_in_the_code():
+    for path in SOURCES:
+        text = path.read_text()
+        assert not re.search(r"yaml\.(unsafe_)?load\(", text), f"{path}: use yaml.safe_load"
+        for call in re.findall(r"torch\.load\(.*", text):  # one call per line in this code
+            assert "weights_only=True" in call, f"{path}: {call}"
+        if "pickle.load(" in text:
+            # Tune's own searcher state in the workspace, written by the same class: not user input.
+            assert path.name == "sweep.py" and text.count("pickle.load(") == 1, path
+    assert "include_dashboard=False" in (REPO / "platform" / "sweep.py").read_text()
+
+
+def test_servers_bind_to_loopback_unless_asked(tmp_path):
+    import argparse
+
+    import psutil
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["ui"]).host == "127.0.0.1"
+    server = tracking.TrackingServer(tmp_path / "mlflow").start()
+    try:
+        processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+        listening = [c.laddr for p in processes for c in p.net_connections(kind="inet") if c.status == "LISTEN"]
+        assert listening and all(address.ip == "127.0.0.1" for address in listening), listening
+    finally:
+        server.stop()
