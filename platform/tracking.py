@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 TRIAL_KEY_TAG = "dreamfusion.trial_key"
 SWEEP_TAG = "dreamfusion.sweep"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # A trial's HTTP calls give up quickly: buffered data is sent again at the next flush.
 TRIAL_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
@@ -113,7 +114,8 @@ def open_parent_run(uri: str, sweep: str, params: dict[str, Any], parent_run_id:
     """The sweep's experiment and parent run: created, or reopened when ``parent_run_id`` is given."""
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(sweep)
-    experiment_id = experiment.experiment_id if experiment else mlflow_client.create_experiment(sweep)
+    experiment_id = experiment.experiment_id if experiment else mlflow_client.create_experiment(
+        sweep, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})  # the dashboard opens on the runs table
     if parent_run_id:
         mlflow_client.update_run(parent_run_id, status="RUNNING")
         return experiment_id, parent_run_id
