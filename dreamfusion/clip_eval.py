@@ -41,7 +41,7 @@ def _unit(features) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_r_precision(trainer: Trainer, prompts: list[str], model: str, resolution: int = 224) -> dict[str, float]:
+def clip_r_precision(trainer: Trainer, prompts: list[str], model: str) -> dict[str, float]:
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
     clip = _load(CLIPModel, model, "", use_safetensors=True).eval()
@@ -51,9 +51,11 @@ def clip_r_precision(trainer: Trainer, prompts: list[str], model: str, resolutio
     text = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
     text_features = _unit(clip.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask))
     cameras = held_out_cameras()
+    crop = processor.crop_size
+    resolution = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))  # CLIP's input size
     metrics = {}
     for mode in ("lambertian", "textureless"):
-        out = render_batched(trainer.field, cameras, resolution, trainer.config.render.samples_per_ray * 2,
+        out = render_batched(trainer.field, cameras, resolution, trainer.config.export.eval_samples_per_ray,
                              replace(PHOTO_SHADING, mode=mode), trainer.occupancy)
         images = list((out.rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
         pixels = processor(images=images, return_tensors="pt").pixel_values

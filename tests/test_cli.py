@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from dreamfusion.cli import main
+from dreamfusion.pipeline import ARTIFACT_KEYS
 from tests.conftest import TINY
 
 
@@ -55,8 +56,9 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
     assert summary["prompt"] == "a red ball" and summary["iterations"] == 8
     assert summary["config"]["seed"] == 3 and summary["wall_seconds"] > 0
     assert {"silhouette_iou", "psnr", "r_precision_colour", "r_precision_textureless"} <= set(summary["metrics"])
-    expected = {"mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html", "checkpoint"}
-    assert set(summary["artifacts"]) == expected
+    expected = {"mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html", "checkpoint",
+                "renders_colour", "renders_textureless", "renders_normals"}
+    assert set(summary["artifacts"]) == expected == set(ARTIFACT_KEYS)
     for name in summary["artifacts"].values():
         assert (out / name).is_file() and (out / name).resolve().parent == out.resolve()
     assert not [p for p in out.iterdir() if p.name.startswith(".incomplete")]
