@@ -13,6 +13,7 @@ DEFAULT_WORKSPACE = "dreamfusion-workspace"
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from dreamfusion_platform.spec import load_spec
     from dreamfusion_platform.sweep import format_table, run_sweep
 
     table = run_sweep(Path(args.spec), Path(args.workspace), resume=args.resume, address=args.address,
@@ -20,7 +21,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(format_table(table))
     workspace = "" if args.workspace == DEFAULT_WORKSPACE else f" --workspace {args.workspace}"
     where = f"--tracking-uri {args.tracking_uri}" if args.tracking_uri else f"dreamfusion ui{workspace}"
-    print(f"\nresults: {Path(args.workspace) / 'sweeps'}/<name>/results.parquet; browse with: {where}")
+    results = Path(args.workspace) / "sweeps" / load_spec(Path(args.spec)).name / "results.parquet"
+    print(f"\nresults: {results}; browse with: {where}")
     failed = int((table["status"] == "FAILED").sum())
     return 1 if failed else 0
 

@@ -345,6 +345,11 @@ def _parse_search(spec: SweepSpec, value: Any, where: str) -> None:
         raise _fail(where, "search.space must be a mapping of config keys", "e.g. space: {optim.lr: {loguniform: "
                     "[0.005, 0.05]}}")
     spec.space = [_dimension(str(key), dist, spec, where) for key, dist in space.items()]
+    if spec.algorithm == "optuna":
+        for dim in spec.space:
+            if any(not isinstance(v, bool | int | float | str) for v in dim.values):
+                raise _fail(where, f"search.space.{dim.key} has list values, which Optuna cannot suggest",
+                            "use algorithm: grid or random for it")
     continuous = [d.key for d in spec.space if d.distribution in ("uniform", "loguniform", "randint")]
     if spec.algorithm == "grid" and continuous:
         raise _fail(where, f"search.space.{continuous[0]} is continuous but search.algorithm is grid",

@@ -257,11 +257,13 @@ def _write_atomic(path: Path, write) -> None:
 
 def close_child_runs(uri: str, experiment_id: str, parent_run_id: str, table) -> None:
     """No trial's run stays RUNNING: a run the scheduler stopped ends KILLED, a failed one FAILED."""
-    status_of = {row.mlflow_run_id: row.status for row in table.itertuples() if row.mlflow_run_id}
+    # Tune's view decides: a trial stopped by the scheduler may have ended its own run as FAILED.
+    expected = {row.mlflow_run_id: {"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(row.status, "FAILED")
+                for row in table.itertuples() if row.mlflow_run_id}
     mlflow_client = tracking.client(uri)
     for run in tracking.child_runs(uri, experiment_id, parent_run_id):
-        if run.info.status in ("RUNNING", "SCHEDULED") or status_of.get(run.info.run_id) == "FAILED":
-            final = {"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(status_of.get(run.info.run_id), "FAILED")
+        final = expected.get(run.info.run_id, "FAILED" if run.info.status in ("RUNNING", "SCHEDULED") else None)
+        if final is not None and final != run.info.status:
             mlflow_client.set_terminated(run.info.run_id, status=final)
 
 
@@ -281,6 +283,10 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
                     "this driver starts on 127.0.0.1; pass a --tracking-uri every node can reach")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     state = json.loads(ws.state.read_text()) if resume else {}
+    started_with = ws.sweep / "spec.yaml"
+    if resume and started_with.exists() and started_with.read_bytes() != Path(spec_path).read_bytes():
+        raise UserInputError(f"{spec_path} differs from the spec sweep '{spec.name}' started with ({started_with}); "
+                             "resume with that file, or start a new sweep under another name")
     if resume and state.get("tracking_uri_given") and not tracking_uri:
         tracking_uri = state["tracking_uri_given"]
 
@@ -328,7 +334,7 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
     return table
 
 
-def format_table(table, spec_metric: str | None = None) -> str:
+def format_table(table) -> str:
     columns = [c for c in ("prompt", "seed") if c in table]
     columns += [c for c in table.columns if "." in c]
     columns += [c for c in ("status", *EVAL_METRICS[:4], "loss", "wall_seconds") if c in table]

@@ -188,8 +188,8 @@ class TrialRun:
 
     def log_artifacts(self, paths: Iterable[Path], attempts: int = 12, wait: float = 10.0) -> None:
         for path in paths:
-            _retry(lambda p=path: self.client.log_artifact(self.run_id, str(p)), attempts, wait,
-                   f"uploading {path.name}")
+            retry(lambda p=path: self.client.log_artifact(self.run_id, str(p)), attempts, wait,
+                  f"uploading {path.name}")
 
     def finish(self, status: str, attempts: int = 12, wait: float = 10.0) -> None:
         def send() -> None:
@@ -197,14 +197,14 @@ class TrialRun:
                 raise ConnectionError("metrics not sent")
             self.client.set_terminated(self.run_id, status=status)
 
-        _retry(send, attempts, wait, f"ending the run as {status}")
+        retry(send, attempts, wait, f"ending the run as {status}")
 
 
-def _retry(action, attempts: int, wait: float, what: str) -> None:
+def retry(action, attempts: int, wait: float, what: str):
+    """``action()``, tried up to ``attempts`` times ``wait`` seconds apart; its result, or its last error."""
     for attempt in range(1, attempts + 1):
         try:
-            action()
-            return
+            return action()
         except Exception as exc:  # noqa: BLE001 - transport errors of any kind are retried
             if attempt == attempts:
                 raise

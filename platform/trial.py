@@ -7,6 +7,7 @@ At the end it exports mesh, videos, viewer and previews, evaluates, and uploads 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,7 +24,7 @@ from dreamfusion.config import Config
 from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run
 from dreamfusion.trainer import CheckpointError, Trainer
 from dreamfusion_platform.spec import TRAINING_METRICS, SweepSpec
-from dreamfusion_platform.tracking import TrialRun, trial_environment
+from dreamfusion_platform.tracking import TrialRun, retry, trial_environment
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,11 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     key = trial_key(config)
     node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
             "pid": str(os.getpid()), "gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
-    tracked = TrialRun(context.tracking_uri, context.experiment_id, context.parent_run_id, key,
-                       run_name(config, key), {"trial_key": key, **config.flat()},
-                       {"dreamfusion.prompt": config.prompt[:5000], **{f"dreamfusion.{k}": v for k, v in node.items()}})
+    tags = {"dreamfusion.prompt": config.prompt[:5000], **{f"dreamfusion.{k}": v for k, v in node.items()}}
+    # A tracking server that is down when the trial starts is waited for (about two minutes) before failing.
+    tracked = retry(lambda: TrialRun(context.tracking_uri, context.experiment_id, context.parent_run_id, key,
+                                     run_name(config, key), {"trial_key": key, **config.flat()}, tags),
+                    attempts=12, wait=10.0, what="opening the trial's MLflow run")
     identity = {"mlflow_run_id": tracked.run_id, "artifact_uri": tracked.artifact_uri, "trial_key": key, **node}
     if tracked.finished_metrics is not None:
         # Finished before the driver died and lost track of it: report the result, do not rerun.
@@ -149,8 +152,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                 tune.report({**metrics, **identity, "final": int(final)},
                             checkpoint=tune.Checkpoint.from_directory(directory))
     except BaseException:
-        try:
+        with contextlib.suppress(Exception):  # the trial's own error is the one to report
             tracked.finish("FAILED", attempts=2, wait=1.0)
-        finally:
-            raise
+        raise
     tracked.finish("FINISHED")

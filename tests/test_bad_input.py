@@ -88,3 +88,15 @@ def test_eval_and_ui_reject_missing_inputs(tmp_path, capsys):
     assert "holds no summary.json" in capsys.readouterr().err
     assert main(["ui", "--workspace", str(tmp_path / "nothing")]) == 2
     assert "holds no MLflow store" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_spec(tmp_path, capsys):
+    workspace = tmp_path / "ws"
+    state = workspace / "sweeps" / "bad"
+    state.mkdir(parents=True)
+    (state / "sweep.json").write_text('{"parent_run_id": "x"}')
+    (state / "spec.yaml").write_text("name: bad\nprompts: [a blue cube]\n")
+    code = main(["sweep", _spec(tmp_path), "--workspace", str(workspace), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "differs from the spec" in err[0]
+    assert sorted(p.name for p in state.iterdir()) == ["spec.yaml", "sweep.json"]

@@ -116,6 +116,8 @@ BAD_SPECS = [
     ({"search": {"space": {"optim.lr": {"normal": [0, 1]}}}}, "must be one of"),
     ({"search": {"metric": "beauty"}}, "search.metric 'beauty' is unknown"),
     ({"scheduler": "hyperband"}, "scheduler.type 'hyperband' is unknown"),
+    ({"search": {"algorithm": "optuna", "space": {"render.shading_ratios": {"choice": [[1, 0, 0], [0, 1, 0]]}}}},
+     "which Optuna cannot suggest"),
     ({"scheduler": {"type": "asha", "grace_period": 10}, "iterations": 20, "report_every": 10},
      "leaves ASHA nothing to stop"),
 ]

@@ -118,7 +118,8 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def test_driver_killed_mid_sweep_then_resumed_finishes_each_trial_once(tmp_path):
-    spec = write_spec(tmp_path, "crash", iterations=60, report_every=10, max_concurrent_trials=1)
+    spec = write_spec(tmp_path, "crash", iterations=60, report_every=10, max_concurrent_trials=1,
+                      search={"space": {"render.shading_ratios": {"grid": [[0.2, 0.5, 0.3], [0.3, 0.7, 0.0]]}}})
     workspace = tmp_path / "ws"
     driver = subprocess.Popen(sweep_command(spec, workspace), stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / "driver.log", "w"), start_new_session=True)
@@ -168,6 +169,26 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(tmp_path):
     assert int(run.data.tags["dreamfusion.resumed_from_step"]) >= 40
     table = pd.read_parquet(workspace / "sweeps" / "retry" / "results.parquet")
     assert list(table["status"]) == ["FINISHED"] and table["step"].iloc[0] == 400
+
+
+def test_optuna_per_prompt_with_asha_runs_every_prompt_its_samples(tmp_path):
+    from dreamfusion_platform.sweep import run_sweep
+
+    spec = write_spec(tmp_path, "search", iterations=8, report_every=2, samples_per_prompt=3,
+                      search={"algorithm": "optuna", "metric": "loss", "mode": "min",
+                              "space": {"sds.guidance_scale": {"loguniform": [3.0, 30.0]},
+                                        "optim.lr": {"uniform": [0.005, 0.05]}}},
+                      scheduler={"type": "asha", "metric": "loss", "mode": "min", "grace_period": 1,
+                                 "reduction_factor": 2}, max_concurrent_trials=2)
+    table = run_sweep(spec, tmp_path / "ws")
+    # One trial per prompt × configuration: each prompt gets its own three.
+    assert len(table) == 6 and sorted(table["prompt"].value_counts().tolist()) == [3, 3]
+    assert table["sds.guidance_scale"].between(3.0, 30.0).all() and table["optim.lr"].between(0.005, 0.05).all()
+    assert set(table["status"]) <= {"FINISHED", "STOPPED"} and (table["status"] == "FINISHED").any()
+    _, children = sweep_runs(tmp_path / "ws", "search")
+    assert len(children) == 6 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    stopped = table[table["status"] == "STOPPED"]
+    assert set(stopped["mlflow_run_id"]) == {c.info.run_id for c in children if c.info.status == "KILLED"}
 
 
 def test_trials_spread_over_nodes_and_share_gpus_fractionally(tmp_path):
