@@ -12,7 +12,17 @@ from dreamfusion.errors import UserInputError
 DEFAULT_WORKSPACE = "dreamfusion-workspace"
 
 
+def _require_platform_packages() -> None:
+    try:
+        import mlflow  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError as exc:
+        raise UserInputError(f"sweeps need Ray Tune and MLflow ({exc.name} is missing): "
+                             "pip install -e '.[platform]'") from None
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    _require_platform_packages()
     from dreamfusion_platform.spec import load_spec
     from dreamfusion_platform.sweep import format_table, run_sweep
 
@@ -28,6 +38,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
+    _require_platform_packages()
     from dreamfusion_platform.tracking import TrackingServer
 
     store = Path(args.workspace) / "mlflow"

@@ -100,3 +100,12 @@ def test_resume_refuses_a_changed_spec(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "differs from the spec" in err[0]
     assert sorted(p.name for p in state.iterdir()) == ["spec.yaml", "sweep.json"]
+
+
+def test_sweep_without_the_platform_packages_names_the_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if `pip install -e .` had left the extra out
+    assert main(["sweep", _spec(tmp_path), "--workspace", str(tmp_path / "ws")]) == 2
+    assert "pip install -e '.[platform]'" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
