@@ -77,7 +77,7 @@ def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
     cameras = held_out_cameras()
     colour, opacity = _render(field, cameras, "lambertian", occupancy, resolution, samples)
     textureless, _ = _render(field, cameras, "textureless", occupancy, resolution, samples)
-    truth_colour, truth_opacity = render_ground_truth(obj, cameras, resolution)
+    truth_colour, truth_opacity = render_ground_truth(obj, cameras, resolution, backdrop=prior.spec.backdrop)
 
     size = prior.resolution
     colour_guess = prior.classify_prompts(_downsample(colour, size)).argmax(-1)

@@ -15,7 +15,8 @@ from dreamfusion.prior.synthetic import PriorSpec, SyntheticPrior, prompt_index
 class SyntheticGuidance(Guidance):
     def __init__(self, config: Config, cache_dir: Path | None = None, prior: SyntheticPrior | None = None) -> None:
         self.prompt_id = prompt_index(config.prompt)
-        spec = PriorSpec(config.guidance.prior_resolution, config.guidance.prior_views, config.guidance.front_bias)
+        g = config.guidance
+        spec = PriorSpec(g.prior_resolution, g.prior_views, g.front_bias, g.prior_backdrop)
         self.prior = prior or SyntheticPrior(spec, config.camera, cache_dir)
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
 

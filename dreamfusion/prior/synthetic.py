@@ -41,11 +41,11 @@ def default_cache_dir() -> Path:
 
 
 def render_ground_truth(
-    obj: SyntheticObject, cameras: CameraBatch, resolution: int, textureless: bool = False
+    obj: SyntheticObject, cameras: CameraBatch, resolution: int, textureless: bool = False, backdrop: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Colour (or textureless) images ``[B, 3, R, R]`` and opacity ``[B, 1, R, R]`` of an object."""
     shading = replace(PHOTO_SHADING, mode="textureless" if textureless else "lambertian")
-    out = render_batched(SDFField(obj), cameras, resolution, GROUND_TRUTH_SAMPLES, shading)
+    out = render_batched(SDFField(obj, background=backdrop), cameras, resolution, GROUND_TRUTH_SAMPLES, shading)
     return out.rgb.clamp(0, 1), out.opacity
 
 
@@ -70,6 +70,7 @@ class PriorSpec:
     resolution: int = 32
     views: int = 96
     front_bias: float = 0.7
+    backdrop: float = 1.0  # grey level behind the objects in the photos (and in the ground truth)
 
     def cache_key(self) -> str:
         payload = {
@@ -97,7 +98,7 @@ def load_or_build_images(spec: PriorSpec, cache_dir: Path | None = None) -> dict
     for index, obj in enumerate(OBJECTS):
         cameras = prior_cameras(index, spec.views, spec.front_bias)
         for flat in (False, True):
-            rgb, _ = render_ground_truth(obj, cameras, spec.resolution, textureless=flat)
+            rgb, _ = render_ground_truth(obj, cameras, spec.resolution, textureless=flat, backdrop=spec.backdrop)
             images.append(rgb.to(torch.float16))
             prompt_ids.append(torch.full((spec.views,), index))
             azimuths.append(cameras.azimuth_degrees)
