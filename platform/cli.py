@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     if not (store / "mlflow.db").exists():
         raise UserInputError(f"{store} holds no MLflow store; run a sweep first or pass the sweep's --workspace")
     server = TrackingServer(store, host=args.host, port=args.port)
+    # SIGTERM (a service manager, a test) must stop the server too, not leave it running orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with server:
         print(f"MLflow dashboard on {server.uri} (Ctrl-C stops it)", flush=True)
         try:

@@ -8,8 +8,10 @@ training never waits on the tracking server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,13 +89,20 @@ class TrackingServer:
             return False
 
     def stop(self) -> None:
+        """Stop the server and the workers it started (uvicorn, job runners), which outlive it otherwise."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            family = [self.process.pid, *_descendants(self.process.pid)]
+            for pid in reversed(family):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            for pid in family[1:]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self.process = None
 
     def __enter__(self) -> TrackingServer:
@@ -101,6 +110,21 @@ class TrackingServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ... of ``pid`` (Linux /proc; none found elsewhere)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        found += [int(child) for child in children]
+        pending += [int(child) for child in children]
+    return found
 
 
 def client(uri: str):

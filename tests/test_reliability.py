@@ -80,3 +80,32 @@ def test_tracking_server_down_for_a_while_loses_nothing(tmp_path, monkeypatch, c
         assert again.run_id == run.run_id and again.finished_metrics == {"loss": 4.0}  # no duplicate run
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_ui_stopped_by_sigterm_stops_its_server(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    tracking.TrackingServer(tmp_path / "mlflow").start().stop()  # a store for the dashboard to open
+    port = tracking.free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "dreamfusion_platform.cli", "ui", "--workspace", str(tmp_path),
+                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/health"
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 120
+    while not answers():
+        assert time.monotonic() < deadline and ui.poll() is None, "the dashboard did not start"
+        time.sleep(0.5)
+    ui.send_signal(signal.SIGTERM)
+    assert ui.wait(timeout=60) == 0
+    assert not answers()  # the MLflow server went with it
