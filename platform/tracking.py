@@ -69,14 +69,18 @@ class TrackingServer:
             self.process = subprocess.Popen(self.command(), stdout=server_log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = log_path.read_text(errors="replace").splitlines()[-5:]
-                raise UserInputError(f"the MLflow server exited at start ({' | '.join(tail)}); "
-                                     f"see {log_path}, or pass --tracking-uri")
-            if self.healthy():
-                return self
-            time.sleep(0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    tail = log_path.read_text(errors="replace").splitlines()[-5:]
+                    raise UserInputError(f"the MLflow server exited at start ({' | '.join(tail)}); "
+                                         f"see {log_path}, or pass --tracking-uri")
+                if self.healthy():
+                    return self
+                time.sleep(0.5)
+        except BaseException:  # interrupted while starting (Ctrl-C, SIGTERM): leave nothing running
+            self.stop()
+            raise
         self.stop()
         raise UserInputError(f"the MLflow server did not answer on {self.uri} within {timeout:.0f} s; "
                              f"see {log_path}, or pass --tracking-uri")
@@ -118,12 +122,12 @@ def _descendants(pid: int) -> list[int]:
     pending = [pid]
     while pending:
         parent = pending.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except OSError:
-            continue
-        found += [int(child) for child in children]
-        pending += [int(child) for child in children]
+        children = []
+        for task in Path(f"/proc/{parent}/task").glob("*"):  # children started by any of its threads
+            with contextlib.suppress(OSError):
+                children += [int(child) for child in (task / "children").read_text().split()]
+        found += children
+        pending += children
     return found
 
 
