@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from dreamfusion.config import Config, apply_overrides
-from dreamfusion.evaluate import evaluate_field
 from dreamfusion.field import NeRFField
+from dreamfusion.pipeline import compute_metrics
 from dreamfusion.prior.shapes import OBJECTS, find_object
 from dreamfusion.trainer import Trainer
 
@@ -124,7 +124,7 @@ def _train_and_evaluate(prompt: str, overrides: list[str], iterations: int | Non
     started = time.perf_counter()
     trainer = Trainer(config)
     trainer.train()
-    metrics = evaluate_field(trainer.field, prompt, trainer.guidance.prior, trainer.occupancy)
+    metrics = compute_metrics(trainer)
     metrics["wall_seconds"] = time.perf_counter() - started
     log.info("%s %s: %s", prompt, overrides, {k: round(v, 3) for k, v in metrics.items()})
     return metrics

@@ -42,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from dreamfusion.config import BACKEND_DEFAULTS, Config, apply_backend_defaults, apply_overrides
     from dreamfusion.pipeline import prepare_output_dir, run_prompt
 
-    overrides = [f"guidance.backend={args.guidance}"] + list(args.set or [])
+    overrides = list(args.set or [])
     if args.model:
         overrides.append(f"guidance.model={args.model}")
     config = Config(prompt=args.prompt)

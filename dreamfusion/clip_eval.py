@@ -11,7 +11,7 @@ import torch
 
 from dreamfusion.errors import UserInputError
 from dreamfusion.evaluate import held_out_cameras
-from dreamfusion.guidance.diffusion import _load
+from dreamfusion.guidance.diffusion import load_pretrained
 from dreamfusion.prior.synthetic import PHOTO_SHADING
 from dreamfusion.renderer import render_batched
 from dreamfusion.trainer import Trainer
@@ -44,9 +44,9 @@ def _unit(features) -> torch.Tensor:
 def clip_r_precision(trainer: Trainer, prompts: list[str], model: str) -> dict[str, float]:
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    clip = _load(CLIPModel, model, "", use_safetensors=True).eval()
-    tokenizer = _load(AutoTokenizer, model, "")
-    processor = _load(CLIPImageProcessor, model, "")
+    clip = load_pretrained(CLIPModel, model, "", use_safetensors=True).eval()
+    tokenizer = load_pretrained(AutoTokenizer, model, "")
+    processor = load_pretrained(CLIPImageProcessor, model, "")
     target = prompts.index(trainer.config.prompt)
     text = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
     text_features = _unit(clip.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask))

@@ -272,7 +272,7 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         config = cls()
-        for key, value in _flatten(data).items():
+        for key, value in flatten_keys(data).items():
             set_value(config, key, value)
         return config.validate()
 
@@ -306,12 +306,12 @@ def _sections(config: Config) -> list[str]:
     return [f.name for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))]
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten_keys(value, name + "."))
         else:
             out[name] = value
     return out

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from dreamfusion.cameras import CameraBatch, cameras_from_angles
+from dreamfusion.config import ExportConfig
 from dreamfusion.field import RadianceField
 from dreamfusion.prior.shapes import find_object
 from dreamfusion.prior.synthetic import PHOTO_SHADING, SyntheticPrior, prompt_index, render_ground_truth
 from dreamfusion.renderer import OccupancyGrid, render_batched
 
-EVAL_RESOLUTION = 64
-EVAL_SAMPLES = 96
+EVAL_RESOLUTION = ExportConfig.eval_resolution
+EVAL_SAMPLES = ExportConfig.eval_samples_per_ray
 
 
 def held_out_cameras() -> CameraBatch:

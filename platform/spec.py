@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from dreamfusion.config import MAX_PROMPT_CHARS, Config, apply_backend_defaults, known_keys, set_value
+from dreamfusion.config import MAX_PROMPT_CHARS, Config, apply_backend_defaults, flatten_keys, known_keys, set_value
 from dreamfusion.errors import UserInputError
 
 ALGORITHMS = ("grid", "random", "optuna")
@@ -218,7 +218,7 @@ def _base_config(config: Any, overrides: Any, where: str) -> dict[str, Any]:
         raise _fail(where, "config must be a mapping of config keys to values", TOP_LEVEL["config"])
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise _fail(where, "overrides must be a list of 'key=value' strings", "e.g. overrides: ['optim.lr=0.01']")
-    flat = _flatten(config)
+    flat = flatten_keys(config)
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key.strip():
@@ -236,16 +236,6 @@ def _base_config(config: Any, overrides: Any, where: str) -> dict[str, Any]:
     except UserInputError as exc:
         raise _fail(where, f"config: {exc}", "fix the value in config or overrides") from None
     return flat
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _prompts(value: Any, base_dir: Path, guidance: str, where: str) -> list[str]:

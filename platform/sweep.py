@@ -137,9 +137,11 @@ def _trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def _trainable(spec: SweepSpec, context: TrialContext):
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": spec.cpus, "gpu": spec.gpus})
+
+
 def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, progress):
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                    {"cpu": spec.cpus, "gpu": spec.gpus})
     if spec.algorithm == "optuna":
         param_space: dict[str, Any] = {}
         search_alg = PerPromptOptuna(spec)
@@ -155,7 +157,7 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
                                reduction_factor=spec.reduction_factor)
                  if spec.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
-        trainable,
+        _trainable(spec, context),
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=spec.max_concurrent_trials,
@@ -314,9 +316,7 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
         context = TrialContext(spec, uri, experiment_id, parent_run_id)
         experiment_path = ws.ray / spec.name
         if resume and tune.Tuner.can_restore(str(experiment_path)):
-            trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                            {"cpu": spec.cpus, "gpu": spec.gpus})
-            tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(str(experiment_path), _trainable(spec, context), resume_unfinished=True,
                                        resume_errored=True)
         else:
             tuner = build_tuner(spec, ws, context, SweepProgress(spec, total))

@@ -22,7 +22,7 @@ from typing import Any
 
 from dreamfusion.config import Config
 from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run
-from dreamfusion.trainer import CheckpointError, Trainer
+from dreamfusion.trainer import CheckpointError, Trainer, TrainerCallback
 from dreamfusion_platform.spec import TRAINING_METRICS, SweepSpec
 from dreamfusion_platform.tracking import TrialRun, retry, trial_environment
 
@@ -48,7 +48,7 @@ def run_name(config: Config, key: str) -> str:
     return f"{config.prompt[:48]} · seed {config.seed} · {key[:6]}"
 
 
-class ChunkMetrics:
+class ChunkMetrics(TrainerCallback):
     """A trainer callback: per-step metrics for MLflow, and their means over a chunk for Tune."""
 
     def __init__(self) -> None:
@@ -59,8 +59,6 @@ class ChunkMetrics:
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.steps.append((trainer.step, metrics))
-
-    def on_train_end(self, trainer: Trainer) -> None: ...
 
     def means(self) -> dict[str, float]:
         out = {}

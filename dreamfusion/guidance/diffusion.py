@@ -42,7 +42,7 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def _load(loader, model: str, subfolder: str, **kwargs):
+def load_pretrained(loader, model: str, subfolder: str, **kwargs):
     """``loader.from_pretrained`` with one clear error for every way weights can be missing."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     local = Path(model).expanduser()
@@ -82,10 +82,10 @@ class DiffusersGuidance(Guidance):
         self.dtype = _dtype(config.guidance.dtype, self.device)
         model = config.guidance.model
         if components is None:
-            tokenizer = _load(AutoTokenizer, model, "tokenizer")
-            text_encoder = _load(self._text_encoder_loader(), model, "text_encoder", use_safetensors=True)
-            components = {"unet": _load(UNet2DConditionModel, model, "unet", use_safetensors=True),
-                          "scheduler": _load(DDPMScheduler, model, "scheduler"),
+            tokenizer = load_pretrained(AutoTokenizer, model, "tokenizer")
+            text_encoder = load_pretrained(self._text_encoder_loader(), model, "text_encoder", use_safetensors=True)
+            components = {"unet": load_pretrained(UNet2DConditionModel, model, "unet", use_safetensors=True),
+                          "scheduler": load_pretrained(DDPMScheduler, model, "scheduler"),
                           "embeddings": self._embed_prompts(tokenizer, text_encoder.to(self.device), config.prompt)}
             del text_encoder, tokenizer  # never needed again: free it before the UNet takes the memory
             gc.collect()
@@ -151,7 +151,7 @@ class StableDiffusionGuidance(DiffusersGuidance):
         from diffusers import AutoencoderKL
 
         super().__init__(config, device, components)
-        vae = components["vae"] if components else _load(AutoencoderKL, config.guidance.model, "vae",
+        vae = components["vae"] if components else load_pretrained(AutoencoderKL, config.guidance.model, "vae",
                                                          use_safetensors=True)
         self.vae = self._freeze(vae)
         self.scaling_factor = float(self.vae.config.scaling_factor)
