@@ -178,9 +178,9 @@ class GuidanceConfig:
     prior_resolution: int = 32
     prior_views: int = 128
     front_bias: float = 0.7
-    # Grey level behind the synthetic objects in the prior's photos and the ground truth. On white, a
-    # white or cream object barely differs from its backdrop and its opacity is hardly learned.
-    prior_backdrop: float = 1.0
+    # Grey level behind the synthetic objects in the prior's photos and the ground truth. Mid-grey: on
+    # white, a white or cream object barely differs from its backdrop and its opacity is hardly learned.
+    prior_backdrop: float = 0.5
     dtype: str = "auto"  # the diffusion network's precision: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
     checkpointing: str = "auto"  # activation checkpointing: auto (DeepSpeed if installed, else torch), off
     latent_fraction: float = 0.0  # stable-diffusion: first fraction of steps renders latent colour directly

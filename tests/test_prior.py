@@ -102,10 +102,10 @@ def test_cache_is_reused_and_a_truncated_cache_is_rebuilt(prior_cache):
 def test_backdrop_sets_the_photos_and_ground_truth_background():
     obj = find_object("a white snowman")
     cameras = held_out_cameras().slice(0, 2)
-    white, opacity_white = render_ground_truth(obj, cameras, 16)
+    white, opacity_white = render_ground_truth(obj, cameras, 16, backdrop=1.0)
     grey, opacity_grey = render_ground_truth(obj, cameras, 16, backdrop=0.5)
     assert torch.allclose(opacity_white, opacity_grey)
     empty = opacity_grey[:, 0] < 1e-3
     assert torch.allclose(grey.permute(0, 2, 3, 1)[empty], torch.full((1, 3), 0.5), atol=1e-3)
     assert torch.allclose(white.permute(0, 2, 3, 1)[empty], torch.ones(1, 3), atol=1e-3)
-    assert PriorSpec(backdrop=0.5).cache_key() != PriorSpec().cache_key()
+    assert PriorSpec(backdrop=0.5).cache_key() != PriorSpec(backdrop=1.0).cache_key()

@@ -192,7 +192,7 @@ def find_object(prompt: str) -> SyntheticObject:
 
 
 class SDFField(RadianceField):
-    """An analytic object as a radiance field: VolSDF density ``(1/β) Ψ_β(−sdf)`` on a white backdrop."""
+    """An analytic object as a radiance field: VolSDF density ``(1/β) Ψ_β(−sdf)`` on a uniform grey backdrop."""
 
     def __init__(self, obj: SyntheticObject, beta: float = 0.012, background: float = 1.0) -> None:
         super().__init__()

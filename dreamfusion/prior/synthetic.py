@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load, save_file
 
 from dreamfusion.cameras import VIEW_LABELS, CameraBatch, cameras_from_angles, view_label
-from dreamfusion.config import CameraConfig
+from dreamfusion.config import CameraConfig, GuidanceConfig
 from dreamfusion.prior.shapes import OBJECTS, SDFField, SyntheticObject, find_object
 from dreamfusion.renderer import Shading, render_batched
 
@@ -41,7 +41,8 @@ def default_cache_dir() -> Path:
 
 
 def render_ground_truth(
-    obj: SyntheticObject, cameras: CameraBatch, resolution: int, textureless: bool = False, backdrop: float = 1.0
+    obj: SyntheticObject, cameras: CameraBatch, resolution: int, textureless: bool = False,
+    backdrop: float = GuidanceConfig.prior_backdrop,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Colour (or textureless) images ``[B, 3, R, R]`` and opacity ``[B, 1, R, R]`` of an object."""
     shading = replace(PHOTO_SHADING, mode="textureless" if textureless else "lambertian")
@@ -67,10 +68,10 @@ def prior_cameras(object_index: int, views: int, front_bias: float) -> CameraBat
 
 @dataclass(frozen=True)
 class PriorSpec:
-    resolution: int = 32
-    views: int = 96
-    front_bias: float = 0.7
-    backdrop: float = 1.0  # grey level behind the objects in the photos (and in the ground truth)
+    resolution: int = GuidanceConfig.prior_resolution
+    views: int = GuidanceConfig.prior_views
+    front_bias: float = GuidanceConfig.front_bias
+    backdrop: float = GuidanceConfig.prior_backdrop  # grey behind the objects in the photos and the ground truth
 
     def cache_key(self) -> str:
         payload = {
