@@ -60,6 +60,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.prompt = find_object(config.prompt).prompt
     prepare_output_dir(Path(args.out))
     summary = run_prompt(config, Path(args.out), callbacks=[_Progress(config.iterations, config.prompt[:40])])
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps({"out": str(args.out), "wall_seconds": round(summary["wall_seconds"], 1),
                       "metrics": summary["metrics"]}, indent=2))
     return 0

@@ -18,6 +18,10 @@ from dreamfusion.field import RadianceField, density_from_log
 from dreamfusion.renderer import OccupancyGrid, Shading, render_batched
 
 
+class NoSurfaceError(ValueError):
+    """The density never reaches the mesh threshold: the optimisation ended with an empty scene."""
+
+
 @torch.no_grad()
 def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: float = 10.0,
                  chunk: int = 2**18) -> trimesh.Trimesh:
@@ -32,7 +36,7 @@ def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: 
     outside = grid.norm(dim=-1).reshape(volume.shape) > 1.0
     volume = torch.where(outside, torch.zeros_like(volume), volume).numpy()
     if not (volume.max() > density_threshold > volume.min()):
-        raise ValueError(
+        raise NoSurfaceError(
             f"the density never crosses {density_threshold} (range {volume.min():.3g}..{volume.max():.3g}): "
             "nothing to mesh; train longer or lower export.density_threshold"
         )

@@ -19,6 +19,7 @@ from typing import Any
 from dreamfusion.config import Config
 from dreamfusion.errors import UserInputError
 from dreamfusion.export import (
+    NoSurfaceError,
     extract_mesh,
     render_previews,
     render_turntable,
@@ -58,19 +59,30 @@ def prepare_output_dir(out: Path) -> Path:
     return out
 
 
-def export_artifacts(trainer: Trainer, directory: Path) -> dict[str, Path]:
+def export_artifacts(trainer: Trainer, directory: Path) -> tuple[dict[str, Path], list[str]]:
+    """The run's files in ``directory``, and warnings about what could not be exported.
+
+    A field that ended empty is a result, not a crash: a sweep records its metrics, videos and
+    previews; only the mesh and the viewer, which need a surface, are left out.
+    """
     cfg = trainer.config
-    mesh = extract_mesh(trainer.field, cfg.export.mesh_resolution, cfg.export.density_threshold)
-    paths = write_meshes(mesh, directory)
+    paths: dict[str, Path] = {}
+    warnings: list[str] = []
+    try:
+        mesh = extract_mesh(trainer.field, cfg.export.mesh_resolution, cfg.export.density_threshold)
+    except NoSurfaceError as exc:
+        warnings.append(f"no mesh or viewer exported: {exc}")
+    else:
+        paths.update(write_meshes(mesh, directory))
+        paths["viewer_html"] = write_viewer(mesh, directory / "viewer.html", cfg.prompt)
     frames = render_turntable(trainer.field, cfg.export.video_frames, cfg.export.video_resolution,
                               trainer.shading("lambertian"),
                               occupancy=trainer.occupancy)
     paths.update(write_videos(frames, directory, cfg.export.video_fps))
-    paths["viewer_html"] = write_viewer(mesh, directory / "viewer.html", cfg.prompt)
     previews = render_previews(trainer.field, trainer.shading, resolution=cfg.export.preview_resolution,
                                occupancy=trainer.occupancy)
     paths.update(write_previews(previews, directory))
-    return paths
+    return paths, warnings
 
 
 def compute_metrics(trainer: Trainer) -> dict[str, float]:
@@ -113,7 +125,7 @@ def finish_run(trainer: Trainer, out: Path, wall_seconds: float) -> dict[str, An
         shutil.rmtree(staging, ignore_errors=True)  # left by an earlier attempt with the same pid
         staging.mkdir()
         trainer.save_checkpoint(staging / CHECKPOINT)
-        paths = export_artifacts(trainer, staging)
+        paths, warnings = export_artifacts(trainer, staging)
         paths["checkpoint"] = staging / CHECKPOINT
         metrics = compute_metrics(trainer)
         summary = {
@@ -124,6 +136,7 @@ def finish_run(trainer: Trainer, out: Path, wall_seconds: float) -> dict[str, An
             "wall_seconds": wall_seconds + time.perf_counter() - started,
             "metrics": metrics,
             "artifacts": {key: path.name for key, path in paths.items()},
+            "warnings": warnings,
         }
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2))
         for item in staging.iterdir():

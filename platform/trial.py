@@ -139,6 +139,9 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                 tracked.record(trainer.step, summary["metrics"])
                 artifacts = [run_dir / name for name in summary["artifacts"].values()]
                 tracked.log_artifacts([*artifacts, run_dir / SUMMARY])
+                if summary["warnings"]:  # e.g. an empty scene: no mesh; visible in the dashboard's table
+                    warnings = "; ".join(summary["warnings"])[:5000]
+                    tracked.client.set_tag(tracked.run_id, "dreamfusion.warnings", warnings)
             elif spec.needs_eval_each_report:
                 quality = compute_metrics(trainer)
                 metrics.update(quality)

@@ -53,7 +53,7 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
     overrides = [arg for item in TINY for arg in ("--set", item)]
     assert main(["run", "A Red Ball", "--out", str(out), "--iters", "8", "--seed", "3", *overrides]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["prompt"] == "a red ball" and summary["iterations"] == 8
+    assert summary["prompt"] == "a red ball" and summary["iterations"] == 8 and summary["warnings"] == []
     assert summary["config"]["seed"] == 3 and summary["wall_seconds"] > 0
     assert {"silhouette_iou", "psnr", "r_precision_colour", "r_precision_textureless"} <= set(summary["metrics"])
     expected = {"mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html", "checkpoint",
@@ -69,6 +69,19 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
     assert recomputed == pytest.approx(summary["metrics"], abs=1e-6)
 
     assert main(["run", "a red ball", "--out", str(out)]) == 2  # never overwrite a finished run
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_empty_finishes_without_mesh_and_says_so(tmp_path, capsys):
+    out = tmp_path / "empty"
+    overrides = [arg for item in [*TINY, "field.blob_density=0"] for arg in ("--set", item)]
+    assert main(["run", "a red ball", "--out", str(out), "--iters", "1", *overrides]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert not {"mesh_glb", "mesh_obj", "mesh_ply", "viewer_html"} & set(summary["artifacts"])
+    assert {"video_webm", "checkpoint", "renders_colour"} <= set(summary["artifacts"])
+    assert "silhouette_iou" in summary["metrics"]  # a sweep still compares the trial
+    assert len(summary["warnings"]) == 1 and "no mesh" in summary["warnings"][0]
+    assert "warning: no mesh or viewer exported" in capsys.readouterr().err
 
 
 def test_head_metrics_include_janus(tmp_path):
