@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dreamfusion.config import GuidanceConfig
 from dreamfusion.errors import UserInputError
 from dreamfusion.field import RadianceField
 
@@ -194,7 +195,8 @@ def find_object(prompt: str) -> SyntheticObject:
 class SDFField(RadianceField):
     """An analytic object as a radiance field: VolSDF density ``(1/β) Ψ_β(−sdf)`` on a uniform grey backdrop."""
 
-    def __init__(self, obj: SyntheticObject, beta: float = 0.012, background: float = 1.0) -> None:
+    def __init__(self, obj: SyntheticObject, beta: float = 0.012,
+                 background: float = GuidanceConfig.prior_backdrop) -> None:
         super().__init__()
         self.obj = obj
         self.beta = beta
