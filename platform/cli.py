@@ -62,7 +62,8 @@ def register(sub) -> None:
                                          "logged to MLflow")
     sweep.add_argument("spec", help="sweep spec (YAML), e.g. experiments/quickstart.yaml")
     sweep.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
-    sweep.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    sweep.add_argument("--address", help="Ray cluster address, or 'auto' for the cluster `ray start` made on this node "
+                            "(default: a new local Ray, whatever RAY_ADDRESS says)")
     sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: a server over the workspace's store)")
     sweep.add_argument("--workspace", default=DEFAULT_WORKSPACE,
                        help=f"folder for the MLflow store, Tune state and results (default: {DEFAULT_WORKSPACE})")

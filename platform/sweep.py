@@ -310,7 +310,9 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
                  "tracking_uri_given": tracking_uri, "trials": total}, indent=2)))
         print(f"[sweep {spec.name}] {total} trials ({len(spec.prompts)} prompts); MLflow experiment "
               f"'{spec.name}', parent run {parent_run_id}", file=sys.stderr, flush=True)
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+        # "local" rather than None: Ray would otherwise join whatever cluster a stale
+        # /tmp/ray/ray_current_cluster names (left by an old `ray start`) and hang on its dead GCS.
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=True, ignore_reinit_error=True)
         stack.callback(ray.shutdown)
         context = TrialContext(spec, uri, experiment_id, parent_run_id)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,10 +64,23 @@ def sweep_runs(workspace: Path, name: str):
     return (parents[0] if parents else None), children
 
 
-def test_sweep_logs_every_trial_to_mlflow_and_writes_the_table(tmp_path):
+@pytest.fixture
+def stale_ray_cluster_file():
+    """An environment whose Ray temp dir names a cluster that is gone, as an old `ray start` leaves it.
+    The dir is short because Ray's socket paths under it must fit in 107 characters."""
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text("127.0.0.1:59999")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmpdir)}
+    yield env
+    shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+def test_sweep_logs_every_trial_to_mlflow_and_writes_the_table(tmp_path, stale_ray_cluster_file):
     spec = write_spec(tmp_path, "e2e")
     workspace = tmp_path / "ws"
-    done = subprocess.run(sweep_command(spec, workspace), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(sweep_command(spec, workspace), capture_output=True, text=True, timeout=900,
+                          env=stale_ray_cluster_file)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FINISHED" in done.stdout and f"dreamfusion ui --workspace {workspace}" in done.stdout
     assert "4/4 done" in done.stderr
