@@ -210,6 +210,9 @@ class ExportConfig:
     video_fps: int = 12
     density_threshold: float = 10.0
     preview_resolution: int = 96
+    # progress.png: renders at fixed cameras at this many evenly spaced steps of training, and at the
+    # end; the way to see how a shape formed (or collapsed). 0: none.
+    progress_snapshots: int = 12
     # Quality metrics (synthetic prompts): renders at held-out cameras. Lower them only for quick
     # checks; published numbers use the defaults.
     eval_resolution: int = 64
@@ -222,6 +225,7 @@ class ExportConfig:
         _in_range(self, "video_resolution", 16, 1024)
         _in_range(self, "video_fps", 1, 120)
         _in_range(self, "preview_resolution", 16, 1024)
+        _in_range(self, "progress_snapshots", 0, 1000)
         _in_range(self, "eval_resolution", 8, 512)
         _in_range(self, "eval_samples_per_ray", 4, 1024)
 

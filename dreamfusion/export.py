@@ -11,6 +11,7 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 import trimesh
+from PIL import Image, ImageDraw
 from skimage import measure
 
 from dreamfusion.cameras import cameras_from_angles
@@ -108,6 +109,37 @@ def render_previews(field: RadianceField, shading_for, views: int = 4, resolutio
     normals = normals * textureless.opacity + (1 - textureless.opacity)
     return {"renders_colour": row(colour.rgb), "renders_textureless": row(textureless.rgb),
             "renders_normals": row(normals)}
+
+
+# Where training progress is watched: front, side and back near the horizon, and the front from above.
+PROGRESS_AZIMUTHS = (0.0, 90.0, 180.0, 0.0)
+PROGRESS_ELEVATIONS = (10.0, 10.0, 10.0, 50.0)
+
+
+@torch.no_grad()
+def render_progress_row(field: RadianceField, shading: Shading, resolution: int = 48,
+                        occupancy: OccupancyGrid | None = None) -> torch.Tensor:
+    """One row of ``progress.png`` (``[H, 2*views*W, 3]`` uint8): the views in ``shading``, then their opacity.
+
+    Rendered without a generator, so recording it never changes the training's random stream.
+    """
+    views = len(PROGRESS_AZIMUTHS)
+    cameras = cameras_from_angles(torch.tensor(PROGRESS_AZIMUTHS), torch.tensor(PROGRESS_ELEVATIONS),
+                                  torch.full((views,), 2.2), torch.full((views,), 45.0))
+    out = render_batched(field, cameras, resolution, 64, shading, occupancy)
+    images = torch.cat([out.rgb.clamp(0, 1), out.opacity.expand(-1, 3, -1, -1)])
+    strip = images.permute(2, 0, 3, 1).reshape(resolution, 2 * views * resolution, 3)
+    return (strip * 255).round().to(torch.uint8)
+
+
+def write_progress(rows: list[tuple[int, torch.Tensor]], path: Path) -> Path:
+    """Stack the rows, oldest first, each labelled with its training step."""
+    image = Image.fromarray(torch.cat([row for _, row in rows]).numpy())
+    draw = ImageDraw.Draw(image)
+    for index, (step, row) in enumerate(rows):
+        draw.text((2, index * row.shape[0] + 1), f"step {step}", fill=(255, 255, 255))
+    image.save(path)
+    return path
 
 
 def write_previews(previews: dict[str, np.ndarray], directory: Path) -> dict[str, Path]:

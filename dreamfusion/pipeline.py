@@ -25,6 +25,7 @@ from dreamfusion.export import (
     render_turntable,
     write_meshes,
     write_previews,
+    write_progress,
     write_videos,
     write_viewer,
 )
@@ -35,7 +36,7 @@ SUMMARY = "summary.json"
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 CHECKPOINT = "checkpoint.pt"
 ARTIFACT_KEYS = ("mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html",
-                 "renders_colour", "renders_textureless", "renders_normals", "checkpoint")
+                 "renders_colour", "renders_textureless", "renders_normals", "progress", "checkpoint")
 
 
 def prepare_output_dir(out: Path) -> Path:
@@ -82,6 +83,9 @@ def export_artifacts(trainer: Trainer, directory: Path) -> tuple[dict[str, Path]
     previews = render_previews(trainer.field, trainer.shading, resolution=cfg.export.preview_resolution,
                                occupancy=trainer.occupancy)
     paths.update(write_previews(previews, directory))
+    if cfg.export.progress_snapshots:
+        trainer.record_snapshot()  # the final state, as the last row
+        paths["progress"] = write_progress(trainer.snapshots, directory / "progress.png")
     return paths, warnings
 
 

@@ -20,6 +20,7 @@ import torch
 from dreamfusion.cameras import sample_cameras, view_labels
 from dreamfusion.config import Config, resolve_device
 from dreamfusion.errors import UserInputError
+from dreamfusion.export import render_progress_row
 from dreamfusion.field import NeRFField
 from dreamfusion.guidance import Guidance, make_guidance
 from dreamfusion.memory import out_of_memory_message
@@ -86,6 +87,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.step = 0
         self.skipped_steps = 0
+        snapshots = config.export.progress_snapshots
+        self.snapshot_steps = {iterations * k // snapshots for k in range(snapshots)} if snapshots else set()
+        self.snapshots: list[tuple[int, torch.Tensor]] = []  # (step, progress.png row), checkpointed
 
     @property
     def progress(self) -> float:
@@ -114,6 +118,8 @@ class Trainer:
         cfg = self.config
         if self.occupancy is not None and self.step % cfg.render.occupancy_update_every == 0:
             self.occupancy.update(self.field, self.generator, cfg.field.backend)
+        if self.step in self.snapshot_steps:
+            self.record_snapshot()
         shading = self._shading_for_step()
         cameras = sample_cameras(cfg.camera, cfg.render.batch_size, self.generator)
         labels = view_labels(cameras, cfg.camera) if cfg.sds.view_dependent else None
@@ -171,6 +177,12 @@ class Trainer:
             callback.on_step_end(self, metrics)
         return metrics
 
+    def record_snapshot(self) -> None:
+        """A row of ``progress.png``: albedo and opacity at fixed cameras, now."""
+        if not self.snapshots or self.snapshots[-1][0] != self.step:
+            self.snapshots.append((self.step, render_progress_row(self.field, self.shading("albedo"),
+                                                                  occupancy=self.occupancy)))
+
     def train(self, until: int | None = None) -> None:
         """Run steps until ``until`` (default: the configured iterations)."""
         stop = self.config.iterations if until is None else min(until, self.config.iterations)
@@ -194,6 +206,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
+            "snapshot_steps": torch.tensor([step for step, _ in self.snapshots], dtype=torch.long),
+            "snapshots": [row for _, row in self.snapshots],
         }
 
     def load_state_dict(self, state: dict[str, Any], strict_config: bool = True) -> None:
@@ -211,6 +225,9 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
+        # Checkpoints written before progress snapshots existed have none.
+        self.snapshots = list(zip(state.get("snapshot_steps", torch.empty(0)).tolist(),
+                                  state.get("snapshots", []), strict=True))
 
     def save_checkpoint(self, path: Path) -> None:
         """Atomic: a crash mid-write leaves the previous checkpoint intact."""

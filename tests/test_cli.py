@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import imageio.v2 as imageio
 import pytest
 
 from dreamfusion.cli import main
@@ -57,10 +58,12 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
     assert summary["config"]["seed"] == 3 and summary["wall_seconds"] > 0
     assert {"silhouette_iou", "psnr", "r_precision_colour", "r_precision_textureless"} <= set(summary["metrics"])
     expected = {"mesh_glb", "mesh_obj", "mesh_ply", "video_webm", "video_gif", "viewer_html", "checkpoint",
-                "renders_colour", "renders_textureless", "renders_normals"}
+                "renders_colour", "renders_textureless", "renders_normals", "progress"}
     assert set(summary["artifacts"]) == expected == set(ARTIFACT_KEYS)
     for name in summary["artifacts"].values():
         assert (out / name).is_file() and (out / name).resolve().parent == out.resolve()
+    # progress.png: a row per snapshot step (8 iterations, 12 asked: steps 0..7) and one for the end
+    assert imageio.imread(out / summary["artifacts"]["progress"]).shape == (9 * 48, 8 * 48, 3)
     assert not [p for p in out.iterdir() if p.name.startswith(".incomplete")]
 
     capsys.readouterr()

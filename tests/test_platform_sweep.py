@@ -23,8 +23,8 @@ from tests.conftest import TINY
 pytestmark = pytest.mark.slow
 
 EXPECTED_ARTIFACTS = {"mesh.glb", "mesh.obj", "mesh.ply", "turntable.webm", "turntable.gif", "viewer.html",
-                      "renders_colour.png", "renders_textureless.png", "renders_normals.png", "summary.json",
-                      "checkpoint.pt"}
+                      "renders_colour.png", "renders_textureless.png", "renders_normals.png", "progress.png",
+                      "summary.json", "checkpoint.pt"}
 
 
 def write_spec(directory: Path, name: str, **fields) -> Path:

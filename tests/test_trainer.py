@@ -26,6 +26,22 @@ def test_resume_from_checkpoint_gives_identical_weights(tmp_path):
     resumed.train()
     for key, value in weights(straight).items():
         torch.testing.assert_close(weights(resumed)[key], value, rtol=0, atol=0)
+    # progress.png's rows from before the checkpoint survive it
+    assert [step for step, _ in resumed.snapshots] == [step for step, _ in straight.snapshots] == list(range(10))
+
+
+def test_progress_snapshots_are_evenly_spaced_and_leave_training_unchanged():
+    plain = Trainer(tiny_config(iterations=12, extra=["export.progress_snapshots=0"]))
+    watched = Trainer(tiny_config(iterations=12, extra=["export.progress_snapshots=4"]))
+    plain.train()
+    watched.train()
+    assert plain.snapshots == []
+    assert [step for step, _ in watched.snapshots] == [0, 3, 6, 9]
+    row = watched.snapshots[0][1]
+    assert row.dtype == torch.uint8 and row.shape == (48, 8 * 48, 3)
+    assert not torch.equal(watched.snapshots[0][1], watched.snapshots[-1][1])  # the renders follow training
+    for key, value in weights(plain).items():
+        torch.testing.assert_close(weights(watched)[key], value, rtol=0, atol=0)
 
 
 def test_callbacks_see_every_step_and_metrics():
