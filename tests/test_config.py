@@ -36,6 +36,7 @@ def test_overrides_coerce_types():
         ("render.shading_ratios=0,0,0", "three non-negative weights"),
         ("field.max_resolution=4", "must be >= field.base_resolution"),
         ("guidance.backend=imagen", "guidance.backend must be one of"),
+        ("export.progress_snapshots=-1", "export.progress_snapshots must lie in"),
     ],
 )
 def test_bad_values_name_the_problem(override, fragment):
