@@ -136,7 +136,9 @@ def test_sds_step_with_triton_backend_matches_torch():
     for backend in ("torch", "triton"):
         trainer = Trainer(tiny_config(iterations=1, extra=[f"field.backend={backend}", "render.batch_size=1",
                                                            "render.resolution=12", "render.shading_ratios=0,1,0",
-                                                           "render.albedo_warmup_fraction=0"]))
+                                                           "render.albedo_warmup_fraction=0",
+                                                           # progress rows through the interpreted kernels: minutes
+                                                           "export.progress_snapshots=0"]))
         grads = []
         original_step = trainer.optimizer.step
 
