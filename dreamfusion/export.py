@@ -14,7 +14,7 @@ import trimesh
 from PIL import Image, ImageDraw
 from skimage import measure
 
-from dreamfusion.cameras import cameras_from_angles
+from dreamfusion.cameras import CameraBatch, cameras_from_angles
 from dreamfusion.field import RadianceField, density_from_log
 from dreamfusion.renderer import OccupancyGrid, Shading, render_batched
 
@@ -87,6 +87,19 @@ def write_videos(frames: np.ndarray, directory: Path, fps: int, stem: str = "tur
     return {"video_webm": webm, "video_gif": gif}
 
 
+def _orbit_cameras(azimuth: torch.Tensor, elevation: torch.Tensor) -> CameraBatch:
+    """The export views: 2.2 from the origin, 45° field of view."""
+    count = azimuth.shape[0]
+    return cameras_from_angles(azimuth, elevation, torch.full((count,), 2.2), torch.full((count,), 45.0))
+
+
+def image_strip(images: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` in [0, 1] side by side: ``[H, N*W, 3]`` uint8."""
+    count, _, height, width = images.shape
+    strip = images.clamp(0, 1).permute(2, 0, 3, 1).reshape(height, count * width, 3)
+    return (strip * 255).round().to(torch.uint8)
+
+
 @torch.no_grad()
 def render_previews(field: RadianceField, shading_for, views: int = 4, resolution: int = 96,
                     occupancy: OccupancyGrid | None = None) -> dict[str, np.ndarray]:
@@ -95,12 +108,10 @@ def render_previews(field: RadianceField, shading_for, views: int = 4, resolutio
     ``shading_for(mode)`` builds the run's shading for a mode, so previews match what training saw.
     """
     azimuth = torch.arange(views) * (360.0 / views)
-    cameras = cameras_from_angles(azimuth, torch.full((views,), 15.0), torch.full((views,), 2.2),
-                                  torch.full((views,), 45.0))
+    cameras = _orbit_cameras(azimuth, torch.full((views,), 15.0))
 
     def row(images: torch.Tensor) -> np.ndarray:
-        strip = images.clamp(0, 1).permute(2, 0, 3, 1).reshape(resolution, views * resolution, 3)
-        return (strip.numpy() * 255).round().astype(np.uint8)
+        return image_strip(images).numpy()
 
     colour = render_batched(field, cameras, resolution, 64, shading_for("albedo"), occupancy)
     textureless = render_batched(field, cameras, resolution, 64, shading_for("textureless"), occupancy)
@@ -123,13 +134,9 @@ def render_progress_row(field: RadianceField, shading: Shading, resolution: int 
 
     Rendered without a generator, so recording it never changes the training's random stream.
     """
-    views = len(PROGRESS_AZIMUTHS)
-    cameras = cameras_from_angles(torch.tensor(PROGRESS_AZIMUTHS), torch.tensor(PROGRESS_ELEVATIONS),
-                                  torch.full((views,), 2.2), torch.full((views,), 45.0))
+    cameras = _orbit_cameras(torch.tensor(PROGRESS_AZIMUTHS), torch.tensor(PROGRESS_ELEVATIONS))
     out = render_batched(field, cameras, resolution, 64, shading, occupancy)
-    images = torch.cat([out.rgb.clamp(0, 1), out.opacity.expand(-1, 3, -1, -1)])
-    strip = images.permute(2, 0, 3, 1).reshape(resolution, 2 * views * resolution, 3)
-    return (strip * 255).round().to(torch.uint8)
+    return image_strip(torch.cat([out.rgb, out.opacity.expand(-1, 3, -1, -1)]))
 
 
 def write_progress(rows: list[tuple[int, torch.Tensor]], path: Path) -> Path:
