@@ -213,6 +213,7 @@ class ExportConfig:
     # progress.png: renders at fixed cameras at this many evenly spaced steps of training, and at the
     # end; the way to see how a shape formed (or collapsed). 0: none.
     progress_snapshots: int = 12
+    progress_resolution: int = 48
     # Quality metrics (synthetic prompts): renders at held-out cameras. Lower them only for quick
     # checks; published numbers use the defaults.
     eval_resolution: int = 64
@@ -226,6 +227,7 @@ class ExportConfig:
         _in_range(self, "video_fps", 1, 120)
         _in_range(self, "preview_resolution", 16, 1024)
         _in_range(self, "progress_snapshots", 0, 1000)
+        _in_range(self, "progress_resolution", 16, 512)
         _in_range(self, "eval_resolution", 8, 512)
         _in_range(self, "eval_samples_per_ray", 4, 1024)
 

@@ -128,7 +128,7 @@ PROGRESS_ELEVATIONS = (10.0, 10.0, 10.0, 50.0)
 
 
 @torch.no_grad()
-def render_progress_row(field: RadianceField, shading: Shading, resolution: int = 48,
+def render_progress_row(field: RadianceField, shading: Shading, resolution: int,
                         occupancy: OccupancyGrid | None = None) -> torch.Tensor:
     """One row of ``progress.png`` (``[H, 2*views*W, 3]`` uint8): the views in ``shading``, then their opacity.
 
@@ -140,11 +140,17 @@ def render_progress_row(field: RadianceField, shading: Shading, resolution: int 
 
 
 def write_progress(rows: list[tuple[int, torch.Tensor]], path: Path) -> Path:
-    """Stack the rows, oldest first, each labelled with its training step."""
-    image = Image.fromarray(torch.cat([row for _, row in rows]).numpy())
+    """Stack the rows, oldest first, each labelled with its training step.
+
+    Rows recorded before a resume with another ``export.progress_resolution`` are scaled to the last one.
+    """
+    width, height = rows[-1][1].shape[1], rows[-1][1].shape[0]
+    strips = [Image.fromarray(row.numpy()).resize((width, height), Image.NEAREST) for _, row in rows]
+    image = Image.new("RGB", (width, height * len(strips)))
     draw = ImageDraw.Draw(image)
-    for index, (step, row) in enumerate(rows):
-        draw.text((2, index * row.shape[0] + 1), f"step {step}", fill=(255, 255, 255))
+    for index, ((step, _), strip) in enumerate(zip(rows, strips, strict=True)):
+        image.paste(strip, (0, index * height))
+        draw.text((2, index * height + 1), f"step {step}", fill=(255, 255, 255))
     image.save(path)
     return path
 

@@ -180,8 +180,9 @@ class Trainer:
     def record_snapshot(self) -> None:
         """A row of ``progress.png``: albedo and opacity at fixed cameras, now."""
         if not self.snapshots or self.snapshots[-1][0] != self.step:
-            self.snapshots.append((self.step, render_progress_row(self.field, self.shading("albedo"),
-                                                                  occupancy=self.occupancy)))
+            row = render_progress_row(self.field, self.shading("albedo"), self.config.export.progress_resolution,
+                                      self.occupancy)
+            self.snapshots.append((self.step, row))
 
     def train(self, until: int | None = None) -> None:
         """Run steps until ``until`` (default: the configured iterations)."""

@@ -32,6 +32,7 @@ TINY = [
     "export.video_resolution=32",
     "export.density_threshold=5",
     "export.preview_resolution=16",
+    "export.progress_resolution=16",
     "export.eval_resolution=16",
     "export.eval_samples_per_ray=24",
 ]

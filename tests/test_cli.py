@@ -63,7 +63,7 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
     for name in summary["artifacts"].values():
         assert (out / name).is_file() and (out / name).resolve().parent == out.resolve()
     # progress.png: a row per snapshot step (8 iterations, 12 asked: steps 0..7) and one for the end
-    assert imageio.imread(out / summary["artifacts"]["progress"]).shape == (9 * 48, 8 * 48, 3)
+    assert imageio.imread(out / summary["artifacts"]["progress"]).shape == (9 * 16, 8 * 16, 3)
     assert not [p for p in out.iterdir() if p.name.startswith(".incomplete")]
 
     capsys.readouterr()

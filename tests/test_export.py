@@ -3,9 +3,10 @@ import re
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+import torch
 import trimesh
 
-from dreamfusion.export import extract_mesh, render_turntable, write_meshes, write_videos, write_viewer
+from dreamfusion.export import extract_mesh, render_turntable, write_meshes, write_progress, write_videos, write_viewer
 from dreamfusion.prior.shapes import SDFField, find_object
 from dreamfusion.renderer import Shading
 
@@ -54,3 +55,12 @@ def test_empty_field_gives_a_clear_mesh_error():
 
     with pytest.raises(ValueError, match="never crosses"):
         extract_mesh(EmptyField(), resolution=16)
+
+
+def test_progress_rows_of_another_resolution_are_scaled_to_the_last(tmp_path):
+    # A run resumed with another export.progress_resolution keeps its earlier, smaller rows.
+    small = torch.full((16, 8 * 16, 3), 200, dtype=torch.uint8)
+    large = torch.full((32, 8 * 32, 3), 50, dtype=torch.uint8)
+    image = imageio.imread(write_progress([(0, small), (5, large)], tmp_path / "progress.png"))
+    assert image.shape == (2 * 32, 8 * 32, 3)
+    assert (image[16:32, 100:] == 200).all() and (image[32 + 16:, 100:] == 50).all()  # below the step labels

@@ -38,7 +38,7 @@ def test_progress_snapshots_are_evenly_spaced_and_leave_training_unchanged():
     assert plain.snapshots == []
     assert [step for step, _ in watched.snapshots] == [0, 3, 6, 9]
     row = watched.snapshots[0][1]
-    assert row.dtype == torch.uint8 and row.shape == (48, 8 * 48, 3)
+    assert row.dtype == torch.uint8 and row.shape == (16, 8 * 16, 3)
     assert not torch.equal(watched.snapshots[0][1], watched.snapshots[-1][1])  # the renders follow training
     for key, value in weights(plain).items():
         torch.testing.assert_close(weights(watched)[key], value, rtol=0, atol=0)
