@@ -20,6 +20,8 @@ Trials (combine several by separating them with spaces before ``--``):
 - ``blob-floor``: the blob's log-density bias is floored at ``-TRIAL_BLOB_FLOOR`` (1) instead of
   falling to -blob_density at the bounding sphere.
 - ``true-shape``: the density is the ground truth's (synthetic prompts only); only colour learns.
+- ``coarse-to-fine``: the hash grid starts with its ``TRIAL_START_LEVELS`` (2) coarsest levels; the
+  others switch on one by one, evenly, until ``TRIAL_ALL_LEVELS_AT`` (0.5) of the steps.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 
 import torch
 
+import dreamfusion.encoding as encoding_module
 import dreamfusion.field as field_module
 import dreamfusion.trainer as trainer_module
 from dreamfusion.cli import main
@@ -171,6 +174,30 @@ def true_shape() -> None:
     field_module.NeRFField.log_density_and_albedo = patched
 
 
+def coarse_to_fine() -> None:
+    start, all_at = int(_setting("TRIAL_START_LEVELS", 2)), _setting("TRIAL_ALL_LEVELS_AT", 0.5)
+    forward = encoding_module.HashGridEncoding.forward
+    progress = {"now": 1.0}  # evaluation and export after training see every level
+    train_step = trainer_module.Trainer._train_step
+
+    def masked(self, points):
+        features = forward(self, points)
+        share = min(progress["now"] / all_at, 1.0)
+        active = start + math.floor(share * (self.levels - start))
+        mask = (torch.arange(self.levels, device=points.device) < active).to(features.dtype)
+        return (features.reshape(-1, self.levels, self.features_per_level) * mask[:, None]).reshape(features.shape)
+
+    def step(self):
+        progress["now"] = self.progress
+        try:
+            return train_step(self)
+        finally:
+            progress["now"] = 1.0
+
+    encoding_module.HashGridEncoding.forward = masked
+    trainer_module.Trainer._train_step = step
+
+
 TRIALS = {
     "nearest-cameras": nearest_cameras,
     "camera-kernel": camera_kernel,
@@ -178,6 +205,7 @@ TRIALS = {
     "frozen-density": frozen_density,
     "blob-floor": blob_floor,
     "true-shape": true_shape,
+    "coarse-to-fine": coarse_to_fine,
 }
 
 
