@@ -37,6 +37,7 @@ def test_overrides_coerce_types():
         ("field.max_resolution=4", "must be >= field.base_resolution"),
         ("guidance.backend=imagen", "guidance.backend must be one of"),
         ("export.progress_snapshots=-1", "export.progress_snapshots must lie in"),
+        ("export.progress_resolution=8", "export.progress_resolution must lie in"),
     ],
 )
 def test_bad_values_name_the_problem(override, fragment):
