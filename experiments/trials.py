@@ -20,6 +20,8 @@ Trials (combine several by separating them with spaces before ``--``):
 - ``blob-floor``: the blob's log-density bias is floored at ``-TRIAL_BLOB_FLOOR`` (1) instead of
   falling to -blob_density at the bounding sphere.
 - ``true-shape``: the density is the ground truth's (synthetic prompts only); only colour learns.
+- ``shaded-normals-only``: in lambertian and textureless steps the density reaches the loss through
+  the normals only, not through the opacity (the compositing weights are detached there).
 - ``coarse-to-fine``: the hash grid starts with its ``TRIAL_START_LEVELS`` (2) coarsest levels; the
   others switch on one by one, evenly, until ``TRIAL_ALL_LEVELS_AT`` (0.5) of the steps.
 """
@@ -34,6 +36,7 @@ import torch
 
 import dreamfusion.encoding as encoding_module
 import dreamfusion.field as field_module
+import dreamfusion.renderer as renderer_module
 import dreamfusion.trainer as trainer_module
 from dreamfusion.cli import main
 from dreamfusion.guidance.synthetic import SyntheticGuidance
@@ -198,6 +201,26 @@ def coarse_to_fine() -> None:
     trainer_module.Trainer._train_step = step
 
 
+def shaded_normals_only() -> None:
+    render = trainer_module.render
+    density_from_log = renderer_module.density_from_log
+    shaded = {"now": False}
+
+    def patched_render(field, cameras, resolution, samples_per_ray, shading, *args, **kwargs):
+        shaded["now"] = shading.needs_normals and torch.is_grad_enabled()
+        try:
+            return render(field, cameras, resolution, samples_per_ray, shading, *args, **kwargs)
+        finally:
+            shaded["now"] = False
+
+    def density(log_density):
+        sigma = density_from_log(log_density)
+        return sigma.detach() if shaded["now"] else sigma
+
+    trainer_module.render = patched_render
+    renderer_module.density_from_log = density
+
+
 TRIALS = {
     "nearest-cameras": nearest_cameras,
     "camera-kernel": camera_kernel,
@@ -206,6 +229,7 @@ TRIALS = {
     "blob-floor": blob_floor,
     "true-shape": true_shape,
     "coarse-to-fine": coarse_to_fine,
+    "shaded-normals-only": shaded_normals_only,
 }
 
 
