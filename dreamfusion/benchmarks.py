@@ -62,6 +62,10 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+NORMALS = ("analytic", "autograd")
+STEP_MODES = ("albedo", "lambertian", "lambertian_autograd_normals")
+
+
 def speed(out: Path, repeats: int = 7) -> dict[str, Any]:
     results: dict[str, Any] = {}
     field = NeRFField(Config().field)
@@ -77,6 +81,16 @@ def speed(out: Path, repeats: int = 7) -> dict[str, Any]:
 
     results["field_forward_2^18_s"] = _median_seconds(field_forward, repeats)
     results["field_forward_backward_2^18_s"] = _median_seconds(field_forward_backward, repeats)
+    for normals in NORMALS:
+        field.config.normals = normals
+
+        def field_normals_forward_backward() -> None:
+            log_density, albedo, gradient = field.log_density_albedo_and_gradient(points)
+            (log_density.sum() + albedo.sum() + gradient.norm(dim=-1).sum()).backward()
+
+        results[f"field_normals_{normals}_forward_backward_2^18_s"] = _median_seconds(
+            field_normals_forward_backward, repeats
+        )
 
     for occupancy in (True, False):
         config = apply_overrides(
@@ -86,8 +100,9 @@ def speed(out: Path, repeats: int = 7) -> dict[str, Any]:
         trainer = Trainer(config)
         for _ in range(20):  # let the occupancy grid see a shaped density first
             trainer.train_step()
-        for mode in ("albedo", "lambertian"):
+        for mode in STEP_MODES if occupancy else STEP_MODES[:2]:
             config.render.shading_ratios = (1.0, 0.0, 0.0) if mode == "albedo" else (0.0, 1.0, 0.0)
+            config.field.normals = "autograd" if mode == "lambertian_autograd_normals" else "analytic"
             samples = []
 
             def step(samples: list = samples, trainer: Trainer = trainer) -> None:
@@ -103,6 +118,12 @@ def speed(out: Path, repeats: int = 7) -> dict[str, Any]:
         f"| field forward, 2^18 samples | {results['field_forward_2^18_s']:.3f} |",
         f"| field forward+backward, 2^18 samples | {results['field_forward_backward_2^18_s']:.3f} |",
     ]
+    for normals in NORMALS:
+        table.append(f"| field forward+backward with {normals} normals, 2^18 samples "
+                     f"| {results[f'field_normals_{normals}_forward_backward_2^18_s']:.3f} |")
+    autograd_normals = results["field_normals_autograd_forward_backward_2^18_s"]
+    table.append(f"| ratio autograd/analytic normals (field) "
+                 f"| {autograd_normals / results['field_normals_analytic_forward_backward_2^18_s']:.2f}x |")
     for mode in ("albedo", "lambertian"):
         on = results[f"sds_step_64px_{mode}_occupancy_on_s"]
         off = results[f"sds_step_64px_{mode}_occupancy_off_s"]
@@ -111,6 +132,11 @@ def speed(out: Path, repeats: int = 7) -> dict[str, Any]:
                      f"({fraction:.0%} of samples evaluated) | {on:.3f} |")
         table.append(f"| SDS step, 64x64, batch 4, {mode} shading, occupancy off | {off:.3f} |")
         table.append(f"| ratio off/on ({mode}) | {off / on:.2f}x |")
+    autograd_step = results["sds_step_64px_lambertian_autograd_normals_occupancy_on_s"]
+    table.append(f"| SDS step, 64x64, batch 4, lambertian shading, autograd normals, occupancy on "
+                 f"| {autograd_step:.3f} |")
+    table.append(f"| ratio autograd/analytic normals (lambertian step) "
+                 f"| {autograd_step / results['sds_step_64px_lambertian_occupancy_on_s']:.2f}x |")
     payload = {"machine": _machine(), "command": "dreamfusion bench speed", "results": results}
     _write(out, "speed", payload, table)
     return payload

@@ -32,6 +32,11 @@ class FieldConfig:
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     backend: str = "auto"
     checkpointing: bool = False  # recompute the MLP's activations in the backward pass (less memory)
+    # Normals (the density's gradient) for shaded steps: "analytic" carries the derivative forward
+    # through the encoding and the MLP; "autograd" differentiates a backward pass (create_graph), as
+    # most NeRF code does. The same values; analytic skips the double backward. (tiny-cuda-nn
+    # encodings expose no derivative: field.backend=tcnn always uses autograd.)
+    normals: str = "analytic"
 
     def validate(self) -> None:
         _positive(self, "levels", "features_per_level", "base_resolution", "hidden_dim", "hidden_layers")
@@ -45,6 +50,7 @@ class FieldConfig:
         _positive(self, "blob_radius")
         _choice(self, "background", ("learned", "fixed"))
         _choice(self, "backend", ("auto", "torch", "triton", "tcnn"))
+        _choice(self, "normals", ("analytic", "autograd"))
         for channel in self.background_color:
             if not 0.0 <= channel <= 1.0:
                 raise UserInputError("field.background_color channels must lie in [0, 1], e.g. 1,1,1")

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from triton_kernels import hash_encode
+from triton_kernels import hash_encode, hash_encode_with_jacobian
 from triton_kernels import resolve as resolve_backend
 
 
@@ -72,4 +72,13 @@ class HashGridEncoding(nn.Module):
         return hash_encode(
             points, self.table, self.resolutions, self.level_offsets, self.level_sizes, self.dense_count,
             resolve_backend(self.backend, points.device),
+        )
+
+    def forward_with_jacobian(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features and their derivative by the points ``[N, 3, output_dim]`` (PyTorch gathers on
+        every device; tiny-cuda-nn exposes no derivative, so it has none)."""
+        if self.tcnn_encoding is not None:
+            raise NotImplementedError("tiny-cuda-nn encodings expose no derivative; differentiate with autograd")
+        return hash_encode_with_jacobian(
+            points, self.table, self.resolutions, self.level_offsets, self.level_sizes, self.dense_count
         )

@@ -27,6 +27,20 @@ class RadianceField(nn.Module):
     def log_density_and_albedo(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def log_density_albedo_and_gradient(
+        self, points: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Also the log-density's gradient by the points ``[N, 3]`` (normals), differentiable when
+        gradients are on. This default differentiates the backward pass."""
+        differentiable = torch.is_grad_enabled()
+        points = points.detach().requires_grad_(True)
+        with torch.enable_grad():
+            log_density, albedo = self.log_density_and_albedo(points)
+            (gradient,) = torch.autograd.grad(
+                log_density, points, torch.ones_like(log_density), create_graph=differentiable
+            )
+        return log_density, albedo, gradient
+
     def background(self, directions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -75,6 +89,22 @@ class NeRFField(RadianceField):
         albedo = torch.sigmoid(out[:, 1:])
         return log_density, albedo
 
+    def log_density_albedo_and_gradient(
+        self, points: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.config.normals == "autograd" or self.encoder.tcnn_encoding is not None:
+            return super().log_density_albedo_and_gradient(points)
+        features, jacobian = self.encoder.forward_with_jacobian((points + 1.0) * 0.5)
+        if self.config.checkpointing and torch.is_grad_enabled():
+            out, tangents = torch.utils.checkpoint.checkpoint(
+                _mlp_with_tangents, self.mlp, features, jacobian * 0.5, use_reentrant=False
+            )
+        else:
+            out, tangents = _mlp_with_tangents(self.mlp, features, jacobian * 0.5)
+        radial = points / points.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        blob_gradient = radial * (-self.config.blob_density / self.config.blob_radius)
+        return out[:, 0] + self.blob(points), torch.sigmoid(out[:, 1:]), tangents[:, :, 0] + blob_gradient
+
     def background(self, directions: torch.Tensor) -> torch.Tensor:
         if self.background_net is None:
             return self.background_color.to(directions.dtype).expand(directions.shape[0], 3)
@@ -89,6 +119,24 @@ class NeRFField(RadianceField):
             {"params": [self.encoder.table], "lr": lr, "name": "encoding"},
             {"params": mlp_params, "lr": lr * mlp_lr_ratio, "name": "mlp"},
         ]
+
+
+def _mlp_with_tangents(
+    mlp: nn.Sequential, inputs: torch.Tensor, tangents: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's output ``[N, out]`` and its derivatives ``[N, 3, out]`` along the input tangents
+    ``[N, 3, in]`` (forward mode through its linear and ReLU layers)."""
+    for layer in mlp:
+        if isinstance(layer, nn.Linear):
+            inputs = layer(inputs)
+            tangents = tangents @ layer.weight.T
+        elif isinstance(layer, nn.ReLU):
+            active = (inputs > 0).to(inputs.dtype)
+            inputs = inputs * active
+            tangents = tangents * active[:, None, :]
+        else:
+            raise TypeError(f"no forward-mode rule for {type(layer).__name__}")
+    return inputs, tangents
 
 
 def _frequency_encode(x: torch.Tensor, frequencies: int) -> torch.Tensor:

@@ -3,8 +3,8 @@
 DeepSpeed's activation checkpointing (set up as a one-process group, which also works on a CPU) is
 used where the backward pass is a plain ``.backward()``: the VAE encoder of Stable Diffusion, whose
 activations at 512×512 dominate memory. DeepSpeed's checkpoint is re-entrant and refuses
-``torch.autograd.grad``, which the renderer uses for normals, so the field's MLP is checkpointed with
-PyTorch's non-re-entrant ``torch.utils.checkpoint`` (which supports it) whatever the mode.
+``torch.autograd.grad``, which normals use with ``field.normals=autograd``, so the field's MLP is
+checkpointed with PyTorch's non-re-entrant ``torch.utils.checkpoint`` (which supports it) whatever the mode.
 """
 
 from __future__ import annotations

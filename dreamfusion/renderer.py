@@ -134,12 +134,7 @@ def render(
 
     normals = None
     if shading.needs_normals:
-        sample_points = sample_points.detach().requires_grad_(True)
-        with torch.enable_grad():
-            log_density, albedo = field.log_density_and_albedo(sample_points)
-            (gradient,) = torch.autograd.grad(
-                log_density, sample_points, torch.ones_like(log_density), create_graph=torch.is_grad_enabled()
-            )
+        log_density, albedo, gradient = field.log_density_albedo_and_gradient(sample_points)
         normals = -gradient / gradient.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     else:
         log_density, albedo = field.log_density_and_albedo(sample_points)

@@ -31,6 +31,7 @@ def test_overrides_coerce_types():
         ("iterations=1.5", "expected an integer"),
         ("render.occupancy_grid=maybe", "expected true or false"),
         ("field.backend=cuda", "field.backend must be one of"),
+        ("field.normals=finite", "field.normals must be one of"),
         ("sds.t_min=0.99", "sds.t_min (0.99) must be < sds.t_max"),
         ("sds.t_max_final=0.01", "sds.t_max_final (0.01) must lie in"),
         ("render.shading_ratios=0,0,0", "three non-negative weights"),

@@ -74,3 +74,37 @@ def test_dense_level_indexes_every_vertex_once():
     vertices = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
     rows = encoder(vertices)[:, 0].round().long()
     assert rows.unique().numel() == 125 and int(rows.min()) == 0 and int(rows.max()) == 124
+
+
+def test_forward_with_jacobian_matches_autograd_on_dense_and_hashed_levels():
+    torch.manual_seed(2)
+    encoder = HashGridEncoding(levels=6, features_per_level=2, log2_table_size=12, base_resolution=4,
+                               max_resolution=128).double()
+    assert encoder.dense_count not in (0, encoder.levels)
+    encoder.table.data.normal_()
+    points = torch.rand(300, 3, dtype=torch.float64) * 1.2 - 0.1  # some outside [0, 1]: clamped, zero derivative
+    with torch.no_grad():
+        features, jacobian = encoder.forward_with_jacobian(points)
+        torch.testing.assert_close(features, encoder(points))
+    expected = torch.autograd.functional.jacobian(lambda p: encoder(p).sum(0), points, vectorize=True)
+    torch.testing.assert_close(jacobian, expected.permute(1, 2, 0))  # [N, 3, D] from [D, N, 3]
+    outside = (points < 0) | (points > 1)
+    assert outside.any() and float(jacobian.permute(0, 2, 1)[outside[:, None, :].expand(-1, 12, -1)].abs().max()) == 0
+
+
+def test_forward_with_jacobian_backpropagates_like_the_double_backward():
+    torch.manual_seed(3)
+    encoder = HashGridEncoding(levels=3, features_per_level=2, log2_table_size=10, base_resolution=4,
+                               max_resolution=32).double()
+    encoder.table.data.normal_()
+    points = torch.rand(50, 3, dtype=torch.float64)
+    direction = torch.randn(50, 3, 6, dtype=torch.float64)
+    _, jacobian = encoder.forward_with_jacobian(points)
+    (jacobian * direction).sum().backward()
+    analytic = encoder.table.grad.clone()
+    encoder.table.grad = None
+    tracked = points.clone().requires_grad_(True)
+    features = encoder(tracked)
+    rows = [torch.autograd.grad(features[:, k].sum(), tracked, create_graph=True)[0] for k in range(6)]
+    (torch.stack(rows, -1) * direction).sum().backward()
+    torch.testing.assert_close(analytic, encoder.table.grad)

@@ -72,3 +72,28 @@ def test_view_labels_and_camera_geometry():
     torch.testing.assert_close(centre, -cams.positions / distances[:, None], atol=1e-5, rtol=0)
     cos_light = (cams.light_directions * cams.positions / distances[:, None]).sum(-1)
     assert float(cos_light.min()) > 0.0  # the light stays on the camera's side
+
+
+def test_analytic_normals_equal_autograd_normals_and_their_gradients():
+    import dataclasses
+
+    from dreamfusion.config import FieldConfig
+    from dreamfusion.field import NeRFField
+
+    torch.manual_seed(0)
+    config = FieldConfig(levels=4, log2_table_size=10, max_resolution=64, hidden_dim=16)
+    results = []
+    for normals, checkpointing in (("autograd", False), ("analytic", False), ("analytic", True)):
+        torch.manual_seed(0)
+        field = NeRFField(dataclasses.replace(config, normals=normals, checkpointing=checkpointing))
+        field.encoder.table.data.normal_(0.0, 0.3)
+        out = render(field, front_camera(2, azimuth=30.0, elevation=20.0), 12, 24, Shading("lambertian"))
+        (out.rgb.square().sum() + out.orientation_loss).backward()
+        results.append((out.rgb.detach(), out.normals.detach(), [p.grad for p in field.parameters()]))
+    autograd_rgb, autograd_normals, autograd_grads = results[0]
+    assert autograd_normals.abs().sum() > 0
+    for rgb, normals, grads in results[1:]:
+        torch.testing.assert_close(rgb, autograd_rgb)
+        torch.testing.assert_close(normals, autograd_normals, rtol=1e-4, atol=1e-5)
+        for grad, expected in zip(grads, autograd_grads, strict=True):
+            torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)

@@ -5,7 +5,10 @@ Kernels are imported only when the ``triton`` backend runs; ``backend.resolve`` 
 
 from triton_kernels.backend import BACKENDS, BackendUnavailable, resolve
 from triton_kernels.composite import composite
-from triton_kernels.hashgrid import hash_encode
+from triton_kernels.hashgrid import hash_encode, hash_encode_with_jacobian
 from triton_kernels.march import march_rays, occupancy_update
 
-__all__ = ["BACKENDS", "BackendUnavailable", "resolve", "composite", "hash_encode", "march_rays", "occupancy_update"]
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "resolve", "composite", "hash_encode", "hash_encode_with_jacobian",
+    "march_rays", "occupancy_update",
+]

@@ -13,15 +13,14 @@ import torch
 PRIMES = (1, 2654435761 - 2**32, 805459861)
 
 
-def hash_encode_reference(
+def _corners(
     points: torch.Tensor,
-    table: torch.Tensor,
     resolutions: torch.Tensor,
     offsets: torch.Tensor,
     sizes: torch.Tensor,
     dense_count: int,
-) -> torch.Tensor:
-    """Vectorised over levels and corners: per-axis terms on ``[N, L, 2]`` combined by broadcasting."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows ``[N, L, 8]`` of each point's cell corners and their per-axis weights ``[N, L, 3, 2]``."""
     count, levels = points.shape[0], resolutions.shape[0]
     res_f = resolutions.to(points.dtype)
     scaled = points.clamp(0.0, 1.0)[:, None, :] * res_f[None, :, None]
@@ -29,9 +28,6 @@ def hash_encode_reference(
     frac = scaled - cell
     vertex = torch.stack([cell, cell + 1], dim=-1).to(torch.int32)  # [N, L, 3, 2]
     axis_weight = torch.stack([1.0 - frac, frac], dim=-1)
-    weights = (
-        axis_weight[:, :, 0, :, None, None] * axis_weight[:, :, 1, None, :, None] * axis_weight[:, :, 2, None, None, :]
-    ).reshape(count, levels, 8)
     parts = []
     if dense_count:
         v = vertex[:, :dense_count]
@@ -49,10 +45,68 @@ def hash_encode_reference(
         parts.append(hashed & (table_size - 1))
     index = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     index = index.reshape(count, levels, 8) + offsets.to(torch.int32)[None, :, None]
+    return index, axis_weight
+
+
+def _trilinear(axis_weight: torch.Tensor) -> torch.Tensor:
+    """``[..., 3, 2]`` per-axis weights → ``[..., 8]`` corner weights (x slowest, z fastest)."""
+    x, y, z = axis_weight[..., 0, :], axis_weight[..., 1, :], axis_weight[..., 2, :]
+    return (x[..., :, None, None] * y[..., None, :, None] * z[..., None, None, :]).flatten(-3)
+
+
+def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     # index_select (int64 index) + einsum: an order of magnitude faster on the CPU than embedding + mul/sum.
-    features = table.index_select(0, index.reshape(-1).long()).reshape(count, levels, 8, -1)
-    encoded = torch.einsum("nlcf,nlc->nlf", features, weights.to(features.dtype))
-    return encoded.reshape(count, levels * table.shape[1])
+    return table.index_select(0, index.reshape(-1).long()).reshape(*index.shape, -1)
+
+
+def hash_encode_reference(
+    points: torch.Tensor,
+    table: torch.Tensor,
+    resolutions: torch.Tensor,
+    offsets: torch.Tensor,
+    sizes: torch.Tensor,
+    dense_count: int,
+) -> torch.Tensor:
+    """Vectorised over levels and corners: per-axis terms on ``[N, L, 2]`` combined by broadcasting."""
+    index, axis_weight = _corners(points, resolutions, offsets, sizes, dense_count)
+    features = _gather(table, index)
+    encoded = torch.einsum("nlcf,nlc->nlf", features, _trilinear(axis_weight).to(features.dtype))
+    return encoded.reshape(points.shape[0], -1)
+
+
+def hash_encode_with_jacobian(
+    points: torch.Tensor,
+    table: torch.Tensor,
+    resolutions: torch.Tensor,
+    offsets: torch.Tensor,
+    sizes: torch.Tensor,
+    dense_count: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoding ``[N, L * F]`` and its derivative by the points ``[N, 3, L * F]``, from one gather.
+
+    Forward-mode and first-order in the table: a loss on the derivative (normals) backpropagates
+    through one scatter, where ``torch.autograd.grad(..., create_graph=True)`` would differentiate
+    the backward pass. Points outside [0, 1] are clamped, so their derivative is zero, as autograd's.
+    """
+    count = points.shape[0]
+    index, axis_weight = _corners(points, resolutions, offsets, sizes, dense_count)
+    features = _gather(table, index)
+    levels = resolutions.shape[0]
+    inside = ((points >= 0.0) & (points <= 1.0)).to(points.dtype)  # [N, 3]
+    # Per-axis weights of each (point, level) as [axis, side, N * L]: products over a long contiguous
+    # last dimension vectorise on the CPU, broadcasts over [..., 2, 2, 2] do not.
+    weight = axis_weight.permute(2, 3, 0, 1).reshape(3, 2, -1)
+    # d(axis weight)/d(point): (-r, +r) along its own axis.
+    rate = (resolutions.to(points.dtype)[None, :, None] * inside[:, None, :]).permute(2, 0, 1).reshape(3, -1)
+    slope = torch.stack([-rate, rate], dim=1)
+    x = torch.stack([weight[0], slope[0], weight[0], weight[0]])  # [value, d/dx, d/dy, d/dz, side, N * L]
+    y = torch.stack([weight[1], weight[1], slope[1], weight[1]])
+    z = torch.stack([weight[2], weight[2], weight[2], slope[2]])
+    corner = (x[:, :, None, None] * y[:, None, :, None] * z[:, None, None, :]).reshape(4, 8, -1)
+    corner = corner.permute(2, 0, 1).reshape(count, levels, 4, 8).to(features.dtype)
+    combined = torch.matmul(corner, features)  # [N, L, 4, F]: a batched [4, 8] @ [8, F]
+    jacobian = combined[:, :, 1:].permute(0, 2, 1, 3).reshape(count, 3, -1)
+    return combined[:, :, 0].reshape(count, -1), jacobian
 
 
 def _get_kernels():
