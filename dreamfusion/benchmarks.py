@@ -5,6 +5,7 @@ Each writes ``<name>.json`` (raw numbers, machine, date) and ``<name>.md`` (the 
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import logging
@@ -66,10 +67,17 @@ NORMALS = ("analytic", "autograd")
 STEP_MODES = ("albedo", "lambertian", "lambertian_autograd_normals")
 
 
-def speed(out: Path, repeats: int = 7) -> dict[str, Any]:
+def speed(out: Path, repeats: int = 7, samples: int = 2**18, overrides: tuple[str, ...] = (),
+          warmup_steps: int = 20) -> dict[str, Any]:
+    """Field and SDS-step timings. ``overrides`` (``--set`` items, applied last) and ``samples`` let the
+    tests run it small; the published table uses the defaults (64×64 renders, 2^18 samples)."""
     results: dict[str, Any] = {}
-    field = NeRFField(Config().field)
-    points = torch.rand(2**18, 3) * 1.2 - 0.6
+    base = apply_overrides(Config(prompt="a red ball", iterations=10_000),
+                           ["render.resolution=64", "render.albedo_warmup_fraction=0", *overrides])
+    count = f"2^{samples.bit_length() - 1}" if samples & (samples - 1) == 0 else str(samples)
+    size = base.render.resolution
+    field = NeRFField(copy.deepcopy(base.field))
+    points = torch.rand(samples, 3) * 1.2 - 0.6
 
     def field_forward() -> None:
         with torch.no_grad():
@@ -79,8 +87,8 @@ def speed(out: Path, repeats: int = 7) -> dict[str, Any]:
         log_density, albedo = field.log_density_and_albedo(points)
         (log_density.sum() + albedo.sum()).backward()
 
-    results["field_forward_2^18_s"] = _median_seconds(field_forward, repeats)
-    results["field_forward_backward_2^18_s"] = _median_seconds(field_forward_backward, repeats)
+    results[f"field_forward_{count}_s"] = _median_seconds(field_forward, repeats)
+    results[f"field_forward_backward_{count}_s"] = _median_seconds(field_forward_backward, repeats)
     for normals in NORMALS:
         field.config.normals = normals
 
@@ -88,55 +96,53 @@ def speed(out: Path, repeats: int = 7) -> dict[str, Any]:
             log_density, albedo, gradient = field.log_density_albedo_and_gradient(points)
             (log_density.sum() + albedo.sum() + gradient.norm(dim=-1).sum()).backward()
 
-        results[f"field_normals_{normals}_forward_backward_2^18_s"] = _median_seconds(
+        results[f"field_normals_{normals}_forward_backward_{count}_s"] = _median_seconds(
             field_normals_forward_backward, repeats
         )
 
     for occupancy in (True, False):
-        config = apply_overrides(
-            Config(prompt="a red ball", iterations=10_000),
-            ["render.resolution=64", f"render.occupancy_grid={occupancy}", "render.albedo_warmup_fraction=0"],
-        )
+        config = apply_overrides(copy.deepcopy(base), [f"render.occupancy_grid={occupancy}"])
         trainer = Trainer(config)
-        for _ in range(20):  # let the occupancy grid see a shaped density first
+        for _ in range(warmup_steps):  # let the occupancy grid see a shaped density first
             trainer.train_step()
         for mode in STEP_MODES if occupancy else STEP_MODES[:2]:
             config.render.shading_ratios = (1.0, 0.0, 0.0) if mode == "albedo" else (0.0, 1.0, 0.0)
             config.field.normals = "autograd" if mode == "lambertian_autograd_normals" else "analytic"
-            samples = []
+            fractions: list[float] = []
 
-            def step(samples: list = samples, trainer: Trainer = trainer) -> None:
-                samples.append(trainer.train_step()["sample_fraction"])
+            def step(fractions: list = fractions, trainer: Trainer = trainer) -> None:
+                fractions.append(trainer.train_step()["sample_fraction"])
 
-            key = f"sds_step_64px_{mode}_occupancy_{'on' if occupancy else 'off'}"
+            key = f"sds_step_{size}px_{mode}_occupancy_{'on' if occupancy else 'off'}"
             results[key + "_s"] = _median_seconds(step, repeats)
-            results[key + "_sample_fraction"] = statistics.median(samples)
+            results[key + "_sample_fraction"] = statistics.median(fractions)
 
+    batch = base.render.batch_size
     table = [
         "| measurement | median seconds |",
         "|---|---|",
-        f"| field forward, 2^18 samples | {results['field_forward_2^18_s']:.3f} |",
-        f"| field forward+backward, 2^18 samples | {results['field_forward_backward_2^18_s']:.3f} |",
+        f"| field forward, {count} samples | {results[f'field_forward_{count}_s']:.3f} |",
+        f"| field forward+backward, {count} samples | {results[f'field_forward_backward_{count}_s']:.3f} |",
     ]
     for normals in NORMALS:
-        table.append(f"| field forward+backward with {normals} normals, 2^18 samples "
-                     f"| {results[f'field_normals_{normals}_forward_backward_2^18_s']:.3f} |")
-    autograd_normals = results["field_normals_autograd_forward_backward_2^18_s"]
+        table.append(f"| field forward+backward with {normals} normals, {count} samples "
+                     f"| {results[f'field_normals_{normals}_forward_backward_{count}_s']:.3f} |")
+    autograd_normals = results[f"field_normals_autograd_forward_backward_{count}_s"]
     table.append(f"| ratio autograd/analytic normals (field) "
-                 f"| {autograd_normals / results['field_normals_analytic_forward_backward_2^18_s']:.2f}x |")
+                 f"| {autograd_normals / results[f'field_normals_analytic_forward_backward_{count}_s']:.2f}x |")
     for mode in ("albedo", "lambertian"):
-        on = results[f"sds_step_64px_{mode}_occupancy_on_s"]
-        off = results[f"sds_step_64px_{mode}_occupancy_off_s"]
-        fraction = results[f"sds_step_64px_{mode}_occupancy_on_sample_fraction"]
-        table.append(f"| SDS step, 64x64, batch 4, {mode} shading, occupancy on "
+        on = results[f"sds_step_{size}px_{mode}_occupancy_on_s"]
+        off = results[f"sds_step_{size}px_{mode}_occupancy_off_s"]
+        fraction = results[f"sds_step_{size}px_{mode}_occupancy_on_sample_fraction"]
+        table.append(f"| SDS step, {size}x{size}, batch {batch}, {mode} shading, occupancy on "
                      f"({fraction:.0%} of samples evaluated) | {on:.3f} |")
-        table.append(f"| SDS step, 64x64, batch 4, {mode} shading, occupancy off | {off:.3f} |")
+        table.append(f"| SDS step, {size}x{size}, batch {batch}, {mode} shading, occupancy off | {off:.3f} |")
         table.append(f"| ratio off/on ({mode}) | {off / on:.2f}x |")
-    autograd_step = results["sds_step_64px_lambertian_autograd_normals_occupancy_on_s"]
-    table.append(f"| SDS step, 64x64, batch 4, lambertian shading, autograd normals, occupancy on "
+    autograd_step = results[f"sds_step_{size}px_lambertian_autograd_normals_occupancy_on_s"]
+    table.append(f"| SDS step, {size}x{size}, batch {batch}, lambertian shading, autograd normals, occupancy on "
                  f"| {autograd_step:.3f} |")
     table.append(f"| ratio autograd/analytic normals (lambertian step) "
-                 f"| {autograd_step / results['sds_step_64px_lambertian_occupancy_on_s']:.2f}x |")
+                 f"| {autograd_step / results[f'sds_step_{size}px_lambertian_occupancy_on_s']:.2f}x |")
     payload = {"machine": _machine(), "command": "dreamfusion bench speed", "results": results}
     _write(out, "speed", payload, table)
     return payload

@@ -30,3 +30,17 @@ def test_quality_writes_after_each_run_and_resumes(tmp_path, monkeypatch):
     calls.clear()
     benchmarks.quality(tmp_path, prompts=["a head with a face", "a red ball", "a blue cube"], iterations=5)
     assert calls == [("a blue cube", ())]  # finished runs are kept, not rerun
+
+
+def test_speed_times_every_case_and_writes_its_table(tmp_path):
+    from tests.conftest import TINY
+
+    benchmarks.speed(tmp_path, repeats=1, samples=2**8, overrides=tuple(TINY), warmup_steps=1)
+    results = json.loads((tmp_path / "speed.json").read_text())["results"]
+    for key in ("field_forward_2^8_s", "field_normals_analytic_forward_backward_2^8_s",
+                "field_normals_autograd_forward_backward_2^8_s", "sds_step_16px_albedo_occupancy_off_s",
+                "sds_step_16px_lambertian_autograd_normals_occupancy_on_s"):
+        assert results[key] > 0
+    table = (tmp_path / "speed.md").read_text()
+    assert "| SDS step, 16x16, batch 2, lambertian shading, occupancy on" in table
+    assert "ratio autograd/analytic normals (lambertian step)" in table
