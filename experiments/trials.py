@@ -5,7 +5,8 @@ patch here, so every number there comes from a command anyone can rerun:
 
     python experiments/trials.py nearest-cameras -- run "a house with a red door" --out DIR
 
-Trials (combine several by separating them with spaces before ``--``):
+Trials (combine several by separating them with spaces before ``--``; those that patch the density
+take their normals by autograd through the patch, as every run did before the analytic normals):
 
 - ``nearest-cameras``: the synthetic prior is conditioned on the render's camera, not its view label:
   each prompt's candidates are the ``TRIAL_NEAREST`` (16) photos whose cameras are nearest, for the
@@ -42,6 +43,12 @@ from dreamfusion.cli import main
 from dreamfusion.guidance.synthetic import SyntheticGuidance
 from dreamfusion.prior.shapes import SDFField, find_object
 from dreamfusion.prior.synthetic import load_or_build_images
+
+
+def _normals_through_patches() -> None:
+    """Normals by autograd through ``log_density_and_albedo``: the default analytic normals compute
+    the density and its derivative on their own path, which would bypass a trial's patch of the density."""
+    field_module.NeRFField.log_density_albedo_and_gradient = field_module.RadianceField.log_density_albedo_and_gradient
 
 
 def _setting(name: str, default: float) -> float:
@@ -134,6 +141,7 @@ def clamp_x0() -> None:
 
 
 def frozen_density() -> None:
+    _normals_through_patches()
     fraction = _setting("TRIAL_FROZEN_FRACTION", 0.25)
     frozen = {"now": False}
     log_density_and_albedo = field_module.NeRFField.log_density_and_albedo
@@ -155,12 +163,14 @@ def frozen_density() -> None:
 
 
 def blob_floor() -> None:
+    _normals_through_patches()
     floor = _setting("TRIAL_BLOB_FLOOR", 1.0)
     blob = field_module.NeRFField.blob
     field_module.NeRFField.blob = lambda self, points: blob(self, points).clamp_min(-floor)
 
 
 def true_shape() -> None:
+    _normals_through_patches()
     log_density_and_albedo = field_module.NeRFField.log_density_and_albedo
     truths: dict[str, SDFField] = {}
     trainer_init = trainer_module.Trainer.__init__
@@ -178,6 +188,7 @@ def true_shape() -> None:
 
 
 def coarse_to_fine() -> None:
+    _normals_through_patches()
     start, all_at = int(_setting("TRIAL_START_LEVELS", 2)), _setting("TRIAL_ALL_LEVELS_AT", 0.5)
     forward = encoding_module.HashGridEncoding.forward
     progress = {"now": 1.0}  # evaluation and export after training see every level
