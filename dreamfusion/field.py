@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -78,16 +80,17 @@ class NeRFField(RadianceField):
         """
         return self.config.blob_density * (1.0 - points.norm(dim=-1) / self.config.blob_radius)
 
-    def log_density_and_albedo(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.encoder((points + 1.0) * 0.5)
+    def _run_mlp(self, fn, *inputs: torch.Tensor):
         if self.config.checkpointing and torch.is_grad_enabled():
             # The MLP's activations grow with the sample count; recompute them in the backward pass.
-            out = torch.utils.checkpoint.checkpoint(self.mlp, features, use_reentrant=False)
-        else:
-            out = self.mlp(features)
-        log_density = out[:, 0] + self.blob(points)
-        albedo = torch.sigmoid(out[:, 1:])
-        return log_density, albedo
+            return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
+        return fn(*inputs)
+
+    def _heads(self, out: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return out[:, 0] + self.blob(points), torch.sigmoid(out[:, 1:])
+
+    def log_density_and_albedo(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._heads(self._run_mlp(self.mlp, self.encoder((points + 1.0) * 0.5)), points)
 
     def log_density_albedo_and_gradient(
         self, points: torch.Tensor
@@ -95,15 +98,11 @@ class NeRFField(RadianceField):
         if self.config.normals == "autograd" or self.encoder.tcnn_encoding is not None:
             return super().log_density_albedo_and_gradient(points)
         features, jacobian = self.encoder.forward_with_jacobian((points + 1.0) * 0.5)
-        if self.config.checkpointing and torch.is_grad_enabled():
-            out, tangents = torch.utils.checkpoint.checkpoint(
-                _mlp_with_tangents, self.mlp, features, jacobian * 0.5, use_reentrant=False
-            )
-        else:
-            out, tangents = _mlp_with_tangents(self.mlp, features, jacobian * 0.5)
+        # The encoder sees (points + 1) / 2: its derivative by the points is half its own.
+        out, tangents = self._run_mlp(partial(_mlp_with_tangents, self.mlp), features, jacobian * 0.5)
         radial = points / points.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         blob_gradient = radial * (-self.config.blob_density / self.config.blob_radius)
-        return out[:, 0] + self.blob(points), torch.sigmoid(out[:, 1:]), tangents[:, :, 0] + blob_gradient
+        return *self._heads(out, points), tangents[:, :, 0] + blob_gradient
 
     def background(self, directions: torch.Tensor) -> torch.Tensor:
         if self.background_net is None:
