@@ -148,11 +148,15 @@ def speed(out: Path, repeats: int = 7, samples: int = 2**18, overrides: tuple[st
     return payload
 
 
-def _train_and_evaluate(prompt: str, overrides: list[str], iterations: int | None) -> dict[str, Any]:
+def _benchmark_config(prompt: str, overrides: list[str], iterations: int | None) -> Config:
     config = Config(prompt=prompt)
     if iterations is not None:
         config.iterations = iterations
-    config = apply_overrides(config, overrides)
+    return apply_overrides(config, overrides)
+
+
+def _train_and_evaluate(prompt: str, overrides: list[str], iterations: int | None) -> dict[str, Any]:
+    config = _benchmark_config(prompt, overrides, iterations)
     started = time.perf_counter()
     trainer = Trainer(config)
     trainer.train()
@@ -163,15 +167,19 @@ def _train_and_evaluate(prompt: str, overrides: list[str], iterations: int | Non
 
 
 def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
-            iterations: int | None = None, ablation_prompts: list[str] | None = None) -> dict[str, Any]:
-    """Writes the table after every run, and resumes: runs already in ``quality.json`` are kept."""
+            iterations: int | None = None, ablation_prompts: list[str] | None = None,
+            settings: list[str] | None = None) -> dict[str, Any]:
+    """Writes the table after every run, and resumes: runs already in ``quality.json`` with the same
+    iterations and ``settings`` (config overrides for every run, as ``dreamfusion run --set``) are kept."""
+    settings = list(settings or [])
     by_prompt = {o.prompt: o for o in OBJECTS}
     chosen = list(OBJECTS) if prompts is None else [by_prompt[find_object(p).prompt] for p in prompts]
+    _benchmark_config(chosen[0].prompt, settings, iterations)  # a bad setting fails before any run
     previous = out / "quality.json"
     runs: dict[str, Any] = {}
     if previous.exists():
         saved = json.loads(previous.read_text())
-        if saved.get("iterations") == iterations:
+        if saved.get("iterations") == iterations and saved.get("settings", []) == settings:
             runs = saved["runs"]
     plan: list[tuple[str, str, list[str]]] = []
     for obj in chosen:
@@ -180,15 +188,17 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
             plan.append((obj.prompt, "no_view_dependent", ["sds.view_dependent=false"]))
             plan.append((obj.prompt, "no_textureless", ["render.shading_ratios=0.3,0.7,0"]))
     payload: dict[str, Any] = {}
-    for prompt, arm, overrides in plan:
-        if arm in runs.get(prompt, {}):
-            continue
-        runs.setdefault(prompt, {})[arm] = _train_and_evaluate(prompt, overrides, iterations)
-        payload = _write_quality(out, runs, iterations)
-    return payload or _write_quality(out, runs, iterations)
+    todo = [(prompt, arm, overrides) for prompt, arm, overrides in plan if arm not in runs.get(prompt, {})]
+    started = time.perf_counter()
+    for done, (prompt, arm, overrides) in enumerate(todo):
+        eta = f", about {(time.perf_counter() - started) / done * (len(todo) - done) / 60:.0f} min left" if done else ""
+        log.info("quality run %d/%d: %s (%s)%s", done + 1, len(todo), prompt, arm.replace("_", " "), eta)
+        runs.setdefault(prompt, {})[arm] = _train_and_evaluate(prompt, settings + overrides, iterations)
+        payload = _write_quality(out, runs, iterations, settings)
+    return payload or _write_quality(out, runs, iterations, settings)
 
 
-def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None) -> dict[str, Any]:
+def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, settings: list[str]) -> dict[str, Any]:
     table = ["| prompt | IoU | PSNR | R-prec colour | R-prec textureless | Janus | front recall | seconds |",
              "|---|---|---|---|---|---|---|---|"]
 
@@ -204,7 +214,8 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None) -> d
     if ablated:
         table += ["", "Ablations on objects with a front (same seed and settings otherwise):", "", table[0], table[1]]
         table += [row(f"{p} ({arm.replace('_', ' ')})", runs[p][arm]) for p, arm in ablated]
-    payload = {"machine": _machine(), "command": "dreamfusion bench quality", "iterations": iterations,
+    command = " ".join(["dreamfusion bench quality"] + [f"--set {setting}" for setting in settings])
+    payload = {"machine": _machine(), "command": command, "iterations": iterations, "settings": settings,
                "runs": runs}
     _write(out, "quality", payload, table)
     return payload

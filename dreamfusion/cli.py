@@ -99,7 +99,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompts = args.prompts.split(";") if args.prompts else None
         ablation_prompts = args.ablation_prompts.split(";") if args.ablation_prompts else None
         benchmarks.quality(Path(args.out), prompts=prompts, ablations=not args.no_ablations,
-                           iterations=args.iters, ablation_prompts=ablation_prompts)
+                           iterations=args.iters, ablation_prompts=ablation_prompts, settings=args.set)
     logging.getLogger(__name__).info("benchmark done in %.0f s", time.perf_counter() - started)
     return 0
 
@@ -138,6 +138,8 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.A
     bench.add_argument("--iters", type=int, help="iterations per run (quality; default: config default)")
     bench.add_argument("--no-ablations", action="store_true", help="skip the paper's ablations (quality)")
     bench.add_argument("--ablation-prompts", help="';'-separated objects to ablate (default: all with a front)")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="config override for every run, repeatable (quality)")
     bench.set_defaults(func=_cmd_bench)
     for extend in extensions:
         extend(sub)

@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from dreamfusion import benchmarks
+from dreamfusion.errors import UserInputError
 
 
 def fake_metrics(prompt, overrides, iterations):
@@ -11,7 +14,8 @@ def fake_metrics(prompt, overrides, iterations):
     return metrics
 
 
-def test_quality_writes_after_each_run_and_resumes(tmp_path, monkeypatch):
+def test_quality_writes_after_each_run_and_resumes(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="dreamfusion.benchmarks")
     calls = []
 
     def train(prompt, overrides, iterations):
@@ -30,6 +34,31 @@ def test_quality_writes_after_each_run_and_resumes(tmp_path, monkeypatch):
     calls.clear()
     benchmarks.quality(tmp_path, prompts=["a head with a face", "a red ball", "a blue cube"], iterations=5)
     assert calls == [("a blue cube", ())]  # finished runs are kept, not rerun
+    assert "quality run 1/1: a blue cube (default)" in caplog.text
+
+
+def test_quality_settings_reach_every_run_and_a_change_of_them_starts_afresh(tmp_path, monkeypatch):
+    calls = []
+
+    def train(prompt, overrides, iterations):
+        calls.append((prompt, tuple(overrides)))
+        return fake_metrics(prompt, overrides[1:], iterations)
+
+    monkeypatch.setattr(benchmarks, "_train_and_evaluate", train)
+    benchmarks.quality(tmp_path, prompts=["a head with a face"], iterations=5, settings=["optim.lr=0.03"])
+    assert ("a head with a face", ("optim.lr=0.03",)) in calls
+    assert ("a head with a face", ("optim.lr=0.03", "sds.view_dependent=false")) in calls
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["settings"] == ["optim.lr=0.03"]
+    assert "`dreamfusion bench quality --set optim.lr=0.03`" in (tmp_path / "quality.md").read_text()
+
+    calls.clear()
+    benchmarks.quality(tmp_path, prompts=["a head with a face"], iterations=5, settings=["optim.lr=0.04"])
+    assert len(calls) == 3  # other settings: nothing is reused
+
+    with pytest.raises(UserInputError, match="unknown config key 'optim.nope'"):
+        benchmarks.quality(tmp_path / "bad", prompts=["a red ball"], iterations=5, settings=["optim.nope=1"])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_speed_times_every_case_and_writes_its_table(tmp_path):
