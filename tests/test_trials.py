@@ -54,3 +54,29 @@ def test_unknown_trial_is_refused():
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "trials.py"), "bogus", "--", "prompts"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "choose from nearest-cameras" in result.stderr
+
+
+def _prior_targets(tmp_path: Path, *settings: str) -> tuple[tuple[int, int], list[str]]:
+    out = tmp_path / "targets.png"
+    sets = [arg for item in [*TINY, "export.progress_snapshots=0", *settings] for arg in ("--set", item)]
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "prior_targets.py"), PROMPT, str(out),
+                           "--steps", "0,2", *sets], check=True, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from PIL import Image
+
+    return Image.open(out).size, done.stdout.splitlines()
+
+
+@pytest.mark.slow
+def test_prior_targets_shows_each_step_and_where_guidance_leaves_the_image_range(tmp_path):
+    size, lines = _prior_targets(tmp_path)
+    # 4 cameras x (render, conditional, unconditional, guided) across; 2 steps x 4 timesteps down; 16 px, doubled
+    assert size == (4 * 4 * 16 * 2, 2 * 4 * 16 * 2)
+    assert len(lines) == 8 and lines[0].startswith("step 0 t 0.3: guided x0 in [")
+    low, high = (float(v) for v in lines[0].split("[")[1].rstrip("]").split(","))
+    assert low < -1.5 or high > 1.5  # guidance 7.5 extrapolates past every photo
+
+    _, unguided = _prior_targets(tmp_path, "sds.guidance_scale=1")
+    for line in unguided:  # guidance 1: a posterior mean of photos, inside the image range
+        low, high = (float(v) for v in line.split("[")[1].rstrip("]").split(","))
+        assert -1.0 <= low and high <= 1.0
