@@ -70,7 +70,7 @@ class SweepSpec:
     reduction_factor: int = 2
     samples_per_prompt: int = 1
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
-    iterations: int = 300
+    iterations: int = Config.iterations  # the library's default, so a sweep without one runs as `dreamfusion run` does
     report_every: int = 50
     cpus: float = 1.0
     gpus: float = 0.0
@@ -144,7 +144,7 @@ def parse_spec(data: Any, base_dir: Path, where: str = "sweep spec") -> SweepSpe
 
     spec = SweepSpec(name=name, prompts=[], config={}, space=[])
     _parse_guidance(spec, data.get("guidance", "synthetic"), where)
-    spec.iterations = _integer(data, "iterations", where, 300, low=1)
+    spec.iterations = _integer(data, "iterations", where, Config.iterations, low=1)
     spec.report_every = min(_integer(data, "report_every", where, max(1, spec.iterations // 6), low=1),
                             spec.iterations)
     spec.samples_per_prompt = _integer(data, "samples_per_prompt", where, 1, low=1)

@@ -57,6 +57,14 @@ def test_trial_config_combines_base_overrides_and_parameters(tmp_path):
     assert parsed.report_every == 6  # a sixth of the iterations unless given
 
 
+def test_a_sweep_without_iterations_runs_the_library_default(tmp_path, monkeypatch):
+    from dreamfusion.config import Config
+
+    monkeypatch.setattr(Config, "iterations", 77)  # read when the spec is parsed, not copied from an old default
+    parsed = parse_spec(spec(), tmp_path)
+    assert parsed.iterations == 77 and parsed.trial_config({"prompt": "a red ball", "seed": 0}).iterations == 77
+
+
 def test_prompts_match_the_synthetic_prior_loosely(tmp_path):
     parsed = parse_spec(spec(prompts=["  A RED   ball ", "a Blue Cube"]), tmp_path)
     assert parsed.prompts == ["a red ball", "a blue cube"]
