@@ -44,7 +44,6 @@ def main() -> None:
     cameras = cameras_from_angles(torch.tensor(AZIMUTHS), torch.tensor(ELEVATIONS), torch.full((count,), 2.2),
                                   torch.full((count,), 45.0))
     labels = view_labels(cameras, config.camera)
-    colour = ~guidance.prior.textureless
     noise_generator = torch.Generator().manual_seed(1)
     rows = []
     for step in sorted(int(s) for s in args.steps.split(",")):
@@ -59,10 +58,8 @@ def main() -> None:
                 noise = torch.randn(latents.shape, generator=noise_generator)
                 noisy = (alpha_bar.sqrt()[:, None, None, None] * latents
                          + (1 - alpha_bar).sqrt()[:, None, None, None] * noise).reshape(count, -1)
-                condition = guidance.prior.candidates(guidance.prompt_id, labels, count) & colour
-                conditional = guidance.prior.posterior_mean(noisy, alpha_bar, condition)
-                unconditional = guidance.prior.posterior_mean(noisy, alpha_bar, colour.expand(count, -1))
-                guided = unconditional + config.sds.guidance_scale * (conditional - unconditional)
+                conditional, unconditional, guided = guidance.predictions(noisy, alpha_bar, labels,
+                                                                          config.sds.guidance_scale)
                 columns = [latents.reshape(count, -1), conditional, unconditional, guided]
                 rows.append(torch.cat([_to_image(c[i], size) for i in range(count) for c in columns], dim=2))
                 print(f"step {step} t {t}: guided x0 in [{float(guided.min()):.1f}, {float(guided.max()):.1f}]")

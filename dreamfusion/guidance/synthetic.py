@@ -31,6 +31,21 @@ class SyntheticGuidance(Guidance):
         return images * 2.0 - 1.0
 
     @torch.no_grad()
+    def predictions(
+        self, flat: torch.Tensor, alpha_bar: torch.Tensor, view_labels: list[str] | None, guidance_scale: float,
+        textureless: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conditional, unconditional and classifier-free-guided x0 of noisy ``[B, D]`` images."""
+        batch = flat.shape[0]
+        # Colour renders are judged against colour photos, textureless renders against textureless ones:
+        # otherwise a grey render matches the prompt's textureless photos and colour is never learned.
+        kind = self.prior.textureless == textureless
+        condition = self.prior.candidates(self.prompt_id, view_labels, batch) & kind
+        conditional = self.prior.posterior_mean(flat, alpha_bar, condition)
+        unconditional = self.prior.posterior_mean(flat, alpha_bar, kind.expand(batch, -1))
+        return conditional, unconditional, unconditional + guidance_scale * (conditional - unconditional)
+
+    @torch.no_grad()
     def predict_noise(
         self,
         noisy: torch.Tensor,
@@ -42,13 +57,7 @@ class SyntheticGuidance(Guidance):
         batch = noisy.shape[0]
         flat = noisy.reshape(batch, -1)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()].to(noisy.device)
-        # Colour renders are judged against colour photos, textureless renders against textureless ones:
-        # otherwise a grey render matches the prompt's textureless photos and colour is never learned.
-        kind = self.prior.textureless == textureless
-        condition = self.prior.candidates(self.prompt_id, view_labels, batch) & kind
-        conditional = self.prior.posterior_mean(flat, alpha_bar, condition)
-        unconditional = self.prior.posterior_mean(flat, alpha_bar, kind.expand(batch, -1))
-        x0 = unconditional + guidance_scale * (conditional - unconditional)
+        _, _, x0 = self.predictions(flat, alpha_bar, view_labels, guidance_scale, textureless)
         sqrt_ab = alpha_bar.sqrt()[:, None]
         noise = (flat - sqrt_ab * x0) / (1.0 - alpha_bar).sqrt()[:, None]
         return noise.reshape_as(noisy)
