@@ -53,6 +53,30 @@ def view_labels(cameras: CameraBatch, config: CameraConfig) -> list[str]:
     ]
 
 
+def camera_directions(azimuth_degrees: torch.Tensor, elevation_degrees: torch.Tensor) -> torch.Tensor:
+    """``[B, 3]`` unit vectors from the origin towards each camera."""
+    az, el = torch.deg2rad(azimuth_degrees), torch.deg2rad(elevation_degrees)
+    return torch.stack([torch.cos(el) * torch.sin(az), torch.sin(el), torch.cos(el) * torch.cos(az)], dim=-1)
+
+
+@dataclass(frozen=True)
+class ViewCondition:
+    """What view-dependent conditioning tells a guidance backend about each render of a batch: its view
+    label (all a text-to-image model can take, as a prompt suffix) and its camera's direction (what a
+    camera-conditioned prior takes instead)."""
+
+    labels: list[str]
+    azimuth_degrees: torch.Tensor  # [B]
+    elevation_degrees: torch.Tensor  # [B]
+
+    def directions(self) -> torch.Tensor:
+        return camera_directions(self.azimuth_degrees, self.elevation_degrees)
+
+
+def view_condition(cameras: CameraBatch, config: CameraConfig) -> ViewCondition:
+    return ViewCondition(view_labels(cameras, config), cameras.azimuth_degrees, cameras.elevation_degrees)
+
+
 def cameras_from_angles(
     azimuth_degrees: torch.Tensor,
     elevation_degrees: torch.Tensor,
@@ -60,9 +84,7 @@ def cameras_from_angles(
     fov_degrees: torch.Tensor,
     light_directions: torch.Tensor | None = None,
 ) -> CameraBatch:
-    az = torch.deg2rad(azimuth_degrees)
-    el = torch.deg2rad(elevation_degrees)
-    direction = torch.stack([torch.cos(el) * torch.sin(az), torch.sin(el), torch.cos(el) * torch.cos(az)], dim=-1)
+    direction = camera_directions(azimuth_degrees, elevation_degrees)
     positions = radius[:, None] * direction
     forward = -direction
     world_up = torch.tensor([0.0, 1.0, 0.0], dtype=forward.dtype).expand_as(forward)

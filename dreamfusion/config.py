@@ -187,6 +187,12 @@ class GuidanceConfig:
     # Grey level behind the synthetic objects in the prior's photos and the ground truth. Mid-grey: on
     # white, a white or cream object barely differs from its backdrop and its opacity is hardly learned.
     prior_backdrop: float = 0.5
+    # What view-dependent conditioning gives the synthetic prior: "view_label" (front/side/back/overhead,
+    # as a text-to-image model gets them in the prompt, as in the paper) or "camera" (the render's camera
+    # direction: each prompt's prior_camera_neighbours photos nearest it, as a camera-conditioned model
+    # such as Zero-1-to-3 or MVDream sees a view).
+    prior_conditioning: str = "view_label"
+    prior_camera_neighbours: int = 1
     dtype: str = "auto"  # the diffusion network's precision: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
     checkpointing: str = "auto"  # activation checkpointing: auto (DeepSpeed if installed, else torch), off
     latent_fraction: float = 0.0  # stable-diffusion: first fraction of steps renders latent colour directly
@@ -206,6 +212,12 @@ class GuidanceConfig:
         _in_range(self, "prior_views", 8, 4096)
         _in_range(self, "front_bias", 0.0, 1.0)
         _in_range(self, "prior_backdrop", 0.0, 1.0)
+        _choice(self, "prior_conditioning", ("view_label", "camera"))
+        if not 1 <= self.prior_camera_neighbours <= self.prior_views:
+            raise UserInputError(
+                f"guidance.prior_camera_neighbours must lie in [1, guidance.prior_views = {self.prior_views}],"
+                f" got {self.prior_camera_neighbours}"
+            )
 
 
 @dataclass

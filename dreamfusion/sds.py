@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dreamfusion.cameras import ViewCondition
 from dreamfusion.config import SDSConfig
 from dreamfusion.guidance.base import Guidance
 
@@ -34,7 +35,7 @@ def weighting(config: SDSConfig, alpha_bar: torch.Tensor) -> torch.Tensor:
 def sds_loss(
     guidance: Guidance,
     images: torch.Tensor,
-    view_labels: list[str] | None,
+    views: ViewCondition | None,
     config: SDSConfig,
     progress: float,
     generator: torch.Generator,
@@ -51,7 +52,7 @@ def sds_loss(
     shape = (batch,) + (1,) * (latents.dim() - 1)
     noisy = alpha_bar.sqrt().reshape(shape) * latents.detach() + (1.0 - alpha_bar).sqrt().reshape(shape) * noise
     with torch.no_grad():
-        predicted = guidance.predict_noise(noisy, timesteps, view_labels, config.guidance_scale, textureless)
+        predicted = guidance.predict_noise(noisy, timesteps, views, config.guidance_scale, textureless)
     gradient = weighting(config, alpha_bar).reshape(shape) * (predicted.to(latents) - noise)
     gradient = torch.nan_to_num(gradient, nan=0.0, posinf=0.0, neginf=0.0)
     # d(loss)/d(latents) == gradient, and nothing reaches the diffusion network.

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dreamfusion.cameras import sample_cameras, view_labels
+from dreamfusion.cameras import sample_cameras, view_condition
 from dreamfusion.config import Config, resolve_device
 from dreamfusion.errors import UserInputError
 from dreamfusion.export import render_progress_row
@@ -122,7 +122,7 @@ class Trainer:
             self.record_snapshot()
         shading = self._shading_for_step()
         cameras = sample_cameras(cfg.camera, cfg.render.batch_size, self.generator)
-        labels = view_labels(cameras, cfg.camera) if cfg.sds.view_dependent else None
+        views = view_condition(cameras, cfg.camera) if cfg.sds.view_dependent else None
         with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(cfg.render.autocast),
                             enabled=cfg.render.autocast != "off"):
             output = render(
@@ -130,7 +130,7 @@ class Trainer:
                 self.generator, cfg.field.backend,
             )
         textureless = shading.mode == "textureless"
-        sds = sds_loss(self.guidance, output.rgb.float(), labels, cfg.sds, self.progress, self.generator, textureless)
+        sds = sds_loss(self.guidance, output.rgb.float(), views, cfg.sds, self.progress, self.generator, textureless)
         # Regularisers are summed per image, like the SDS surrogate, so their weights do not depend on
         # the render resolution and compare directly with the SDS gradient per pixel.
         batch = output.opacity.shape[0]

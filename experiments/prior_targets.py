@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreamfusion.cameras import cameras_from_angles, view_labels
+from dreamfusion.cameras import cameras_from_angles, view_condition
 from dreamfusion.config import Config, apply_overrides
 from dreamfusion.renderer import render
 from dreamfusion.trainer import Trainer
@@ -43,7 +43,7 @@ def main() -> None:
     count = len(AZIMUTHS)
     cameras = cameras_from_angles(torch.tensor(AZIMUTHS), torch.tensor(ELEVATIONS), torch.full((count,), 2.2),
                                   torch.full((count,), 45.0))
-    labels = view_labels(cameras, config.camera)
+    views = view_condition(cameras, config.camera)
     noise_generator = torch.Generator().manual_seed(1)
     rows = []
     for step in sorted(int(s) for s in args.steps.split(",")):
@@ -58,7 +58,7 @@ def main() -> None:
                 noise = torch.randn(latents.shape, generator=noise_generator)
                 noisy = (alpha_bar.sqrt()[:, None, None, None] * latents
                          + (1 - alpha_bar).sqrt()[:, None, None, None] * noise).reshape(count, -1)
-                conditional, unconditional, guided = guidance.predictions(noisy, alpha_bar, labels,
+                conditional, unconditional, guided = guidance.predictions(noisy, alpha_bar, views,
                                                                           config.sds.guidance_scale)
                 columns = [latents.reshape(count, -1), conditional, unconditional, guided]
                 rows.append(torch.cat([_to_image(c[i], size) for i in range(count) for c in columns], dim=2))

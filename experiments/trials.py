@@ -3,17 +3,14 @@
 The failure analysis in docs/benchmarks/README.md tries ideas that no setting expresses; each is a
 patch here, so every number there comes from a command anyone can rerun:
 
-    python experiments/trials.py nearest-cameras -- run "a house with a red door" --out DIR
+    python experiments/trials.py clamp-x0 -- run "a house with a red door" --out DIR
 
 Trials (combine several by separating them with spaces before ``--``; those that patch the density
 take their normals by autograd through the patch, as every run did before the analytic normals):
 
-- ``nearest-cameras``: the synthetic prior is conditioned on the render's camera, not its view label:
-  each prompt's candidates are the ``TRIAL_NEAREST`` (16) photos whose cameras are nearest, for the
-  conditional and the unconditional alike (what a camera-conditioned model such as Zero-1-to-3 or
-  MVDream gives SDS).
-- ``camera-kernel``: the same idea as a soft prior: photo weights times a von Mises-Fisher kernel on
-  the angle between cameras, width ``TRIAL_KERNEL_DEGREES`` (20), on top of the view labels.
+- ``camera-kernel``: a soft camera conditioning (``guidance.prior_conditioning=camera`` is the hard
+  one): photo weights times a von Mises-Fisher kernel on the angle between cameras, width
+  ``TRIAL_KERNEL_DEGREES`` (20), on top of the view labels.
 - ``clamp-x0``: the guided x0 is clipped to the image range before it becomes a noise prediction.
 - ``frozen-density``: the density gets no gradient for the first ``TRIAL_FROZEN_FRACTION`` (0.25) of
   the steps; pair it with ``--set render.albedo_warmup_fraction`` of the same value (normals need
@@ -42,7 +39,6 @@ import dreamfusion.trainer as trainer_module
 from dreamfusion.cli import main
 from dreamfusion.guidance.synthetic import SyntheticGuidance
 from dreamfusion.prior.shapes import SDFField, find_object
-from dreamfusion.prior.synthetic import load_or_build_images
 
 
 def _normals_through_patches() -> None:
@@ -55,48 +51,27 @@ def _setting(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
-def _directions(azimuth_degrees: torch.Tensor, elevation_degrees: torch.Tensor) -> torch.Tensor:
-    azimuth, elevation = torch.deg2rad(azimuth_degrees), torch.deg2rad(elevation_degrees)
-    return torch.stack([elevation.cos() * azimuth.sin(), elevation.sin(), elevation.cos() * azimuth.cos()], -1)
-
-
-def _camera_conditioned(photo_weights, keep_labels: bool) -> None:
-    """Give the synthetic prior the render's cameras; ``photo_weights(guidance, cosines, kind)`` returns
-    the log-weights (``-inf``: excluded) of the photos for each render. With ``keep_labels`` the
-    conditional also keeps to the render's view label."""
-    sample_cameras = trainer_module.sample_cameras
-    latest = {}
-
-    def recording_sample_cameras(config, count, generator):
-        latest["cameras"] = sample_cameras(config, count, generator)
-        return latest["cameras"]
-
-    trainer_module.sample_cameras = recording_sample_cameras
+def camera_kernel() -> None:
+    width = math.radians(_setting("TRIAL_KERNEL_DEGREES", 20.0))
 
     @torch.no_grad()
-    def predict_noise(self, noisy, timesteps, view_labels, guidance_scale, textureless=False):
+    def predict_noise(self, noisy, timesteps, views, guidance_scale, textureless=False):
         prior, batch = self.prior, noisy.shape[0]
         flat = noisy.reshape(batch, -1)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()]
         kind = prior.textureless == textureless
-        if not hasattr(self, "photo_directions"):
-            data = load_or_build_images(prior.spec)
-            self.photo_directions = _directions(data["azimuth_degrees"], data["elevation_degrees"])
-        if view_labels is None:  # view-dependent conditioning off: no camera either
-            log_weights = torch.zeros(batch, kind.shape[0]).masked_fill(~kind, float("-inf"))
-        else:
-            cameras = latest["cameras"]
-            cosines = _directions(cameras.azimuth_degrees, cameras.elevation_degrees) @ self.photo_directions.T
-            log_weights = photo_weights(self, cosines, kind)
+        log_weights = torch.zeros(batch, kind.shape[0])
+        if views is not None:  # view-dependent conditioning off: no camera either
+            log_weights = (views.directions() @ prior.directions.T - 1.0) / width**2
         distance = (
             (flat * flat).sum(-1, keepdim=True)
             - 2.0 * alpha_bar.sqrt()[:, None] * flat @ prior.flat.T
             + alpha_bar[:, None] * prior.square_norms[None]
         )
         logits = -distance / (2.0 * (1.0 - alpha_bar[:, None])) + log_weights
-        condition = prior.candidates(self.prompt_id, view_labels if keep_labels else None, batch)
+        condition = prior.candidates(self.prompt_id, views, batch, kind)
         conditional = torch.softmax(logits.masked_fill(~condition, float("-inf")), -1) @ prior.flat
-        unconditional = torch.softmax(logits, -1) @ prior.flat
+        unconditional = torch.softmax(logits.masked_fill(~kind, float("-inf")), -1) @ prior.flat
         x0 = unconditional + guidance_scale * (conditional - unconditional)
         noise = (flat - alpha_bar.sqrt()[:, None] * x0) / (1.0 - alpha_bar).sqrt()[:, None]
         return noise.reshape_as(noisy)
@@ -104,34 +79,11 @@ def _camera_conditioned(photo_weights, keep_labels: bool) -> None:
     SyntheticGuidance.predict_noise = predict_noise
 
 
-def nearest_cameras() -> None:
-    count = int(_setting("TRIAL_NEAREST", 16))
-
-    def photo_weights(guidance, cosines, kind):
-        prior = guidance.prior
-        chosen = torch.zeros_like(cosines, dtype=torch.bool)
-        for prompt_id in prior.prompt_ids.unique():
-            members = kind & (prior.prompt_ids == prompt_id)
-            chosen.scatter_(1, cosines.masked_fill(~members, -2.0).topk(count, -1).indices, True)
-        return torch.zeros_like(cosines).masked_fill(~chosen, float("-inf"))
-
-    _camera_conditioned(photo_weights, keep_labels=False)
-
-
-def camera_kernel() -> None:
-    width = math.radians(_setting("TRIAL_KERNEL_DEGREES", 20.0))
-
-    def photo_weights(guidance, cosines, kind):
-        return ((cosines - 1.0) / width**2).masked_fill(~kind, float("-inf"))
-
-    _camera_conditioned(photo_weights, keep_labels=True)
-
-
 def clamp_x0() -> None:
     predict_noise = SyntheticGuidance.predict_noise
 
-    def clamped(self, noisy, timesteps, view_labels, guidance_scale, textureless=False):
-        noise = predict_noise(self, noisy, timesteps, view_labels, guidance_scale, textureless)
+    def clamped(self, noisy, timesteps, views, guidance_scale, textureless=False):
+        noise = predict_noise(self, noisy, timesteps, views, guidance_scale, textureless)
         shape = (-1,) + (1,) * (noisy.dim() - 1)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()].to(noisy).reshape(shape)
         x0 = ((noisy - (1.0 - alpha_bar).sqrt() * noise) / alpha_bar.sqrt()).clamp(-1.0, 1.0)
@@ -233,7 +185,6 @@ def shaded_normals_only() -> None:
 
 
 TRIALS = {
-    "nearest-cameras": nearest_cameras,
     "camera-kernel": camera_kernel,
     "clamp-x0": clamp_x0,
     "frozen-density": frozen_density,

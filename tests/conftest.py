@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dreamfusion.cameras import ViewCondition
 from dreamfusion.config import Config, apply_overrides
 
 TINY = [
@@ -45,6 +46,13 @@ def prior_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["DREAMFUSION_CACHE"] = str(path)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     return path
+
+
+def views_of(labels: list[str], azimuths: list[float] | None = None,
+             elevations: list[float] | None = None) -> ViewCondition:
+    """A view condition for ``labels``, from azimuth and elevation 0 unless the angles are given."""
+    zeros = [0.0] * len(labels)
+    return ViewCondition(labels, torch.tensor(azimuths or zeros), torch.tensor(elevations or zeros))
 
 
 def tiny_config(prompt: str = "a red ball", iterations: int = 6, extra: list[str] | None = None) -> Config:

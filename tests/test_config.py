@@ -39,6 +39,9 @@ def test_overrides_coerce_types():
         ("guidance.backend=imagen", "guidance.backend must be one of"),
         ("export.progress_snapshots=-1", "export.progress_snapshots must lie in"),
         ("export.progress_resolution=8", "export.progress_resolution must lie in"),
+        ("guidance.prior_conditioning=pose", "guidance.prior_conditioning must be one of view_label, camera"),
+        ("guidance.prior_camera_neighbours=0", "must lie in [1, guidance.prior_views = 128], got 0"),
+        ("guidance.prior_camera_neighbours=129", "must lie in [1, guidance.prior_views = 128], got 129"),
     ],
 )
 def test_bad_values_name_the_problem(override, fragment):

@@ -15,7 +15,7 @@ from dreamfusion.errors import UserInputError
 from dreamfusion.guidance.diffusion import VIEW_SUFFIXES, DeepFloydIFGuidance, StableDiffusionGuidance
 from dreamfusion.sds import sds_loss
 from dreamfusion.trainer import Trainer
-from tests.conftest import TINY
+from tests.conftest import TINY, views_of
 
 WORDS = ["a", "red", "ball", "blue", "cube", "cat", "front", "side", "back", "overhead", "view", ","]
 
@@ -111,7 +111,7 @@ def test_text_embeddings_are_cached_per_view_and_the_encoder_freed(backend, tiny
     assert set(guidance.embeddings) == {None, "", *VIEW_SUFFIXES}
     assert not any(isinstance(v, torch.nn.Module) and "Text" in type(v).__name__ or "T5" in type(v).__name__
                    for v in vars(guidance).values())
-    front, back = guidance.condition(["front", "back"], 2)
+    front, back = guidance.condition(views_of(["front", "back"]), 2)
     assert not torch.allclose(front, back)
     assert torch.equal(guidance.condition(None, 3)[2], guidance.embeddings[None])
 
@@ -163,7 +163,7 @@ def test_sds_gradient_matches_the_classifier_free_guidance_formula(tiny_if):
     guidance = DeepFloydIFGuidance(real_config("deepfloyd-if", tiny_if))
     config = real_config("deepfloyd-if", tiny_if).sds
     images = torch.rand(1, 3, 16, 16, requires_grad=True)
-    result = sds_loss(guidance, images, ["side"], config, 0.0, torch.Generator().manual_seed(0))
+    result = sds_loss(guidance, images, views_of(["side"]), config, 0.0, torch.Generator().manual_seed(0))
     result.loss.backward()
     assert images.grad.abs().sum() > 0 and result.gradient_norm > 0
 

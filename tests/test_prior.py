@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
-from dreamfusion.cameras import VIEW_LABELS
+from dreamfusion.cameras import VIEW_LABELS, ViewCondition
 from dreamfusion.errors import UserInputError
 from dreamfusion.evaluate import _downsample, held_out_cameras
 from dreamfusion.prior.shapes import OBJECTS, find_object, known_prompts
 from dreamfusion.prior.synthetic import PriorSpec, SyntheticPrior, load_or_build_images, render_ground_truth
+from tests.conftest import views_of
 
 SPEC = PriorSpec(resolution=16, views=48)
 
@@ -32,7 +33,7 @@ def test_prompt_matching_and_unknown_prompt():
 
 def test_posterior_mean_matches_brute_force(prior):
     torch.manual_seed(0)
-    mask = prior.candidates(3, ["front", "back"], 2)
+    mask = prior.candidates(3, views_of(["front", "back"]), 2)
     alpha_bar = torch.tensor([0.7, 0.05])
     noisy = torch.randn(2, prior.flat.shape[1])
     fast = prior.posterior_mean(noisy, alpha_bar, mask)
@@ -51,13 +52,41 @@ def test_posterior_mean_matches_brute_force(prior):
 def test_conditioning_restricts_to_prompt_and_view(prior):
     of_prompt = prior.prompt_ids == 6
     for index, label in enumerate(VIEW_LABELS):
-        mask = prior.candidates(6, [label], 1)[0]
+        mask = prior.candidates(6, views_of([label]), 1)[0]
         if bool((of_prompt & (prior.view_ids == index) & prior.textureless).any()):
             assert bool(mask.eq(of_prompt & (prior.view_ids == index)).all())
         else:  # no photo with that label: fall back to all of the prompt's photos
             assert bool(mask.eq(of_prompt).all())
     assert int(prior.candidates(None, None, 1).sum()) == prior.flat.shape[0]
     assert bool(prior.candidates(6, None, 1)[0].eq(prior.prompt_ids == 6).all())
+    colour = ~prior.textureless
+    assert bool(prior.candidates(6, views_of(["front"]), 1, colour)[0].eq(
+        colour & (prior.prompt_ids == 6) & (prior.view_ids == 0)).all())
+
+
+def _angle_degrees(prior: SyntheticPrior, views: ViewCondition, mask: torch.Tensor) -> torch.Tensor:
+    cosines = (views.directions() @ prior.directions[mask].T).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cosines))
+
+
+def test_camera_conditioning_keeps_each_prompts_photos_nearest_the_camera(prior):
+    data = load_or_build_images(SPEC)
+    colour = ~prior.textureless
+    photo = int(((prior.prompt_ids == 4) & colour).nonzero()[5])
+    at_photo = views_of(["front"], [float(data["azimuth_degrees"][photo])], [float(data["elevation_degrees"][photo])])
+    only = prior.candidates(4, at_photo, 1, colour, camera_neighbours=1)[0]
+    assert only.nonzero().squeeze(1).tolist() == [photo]  # the photo taken from the render's own camera
+
+    views = views_of(["back", "side"], [170.0, -80.0], [10.0, 40.0])
+    for row, view in enumerate((views_of(["back"], [170.0], [10.0]), views_of(["side"], [-80.0], [40.0]))):
+        mask = prior.candidates(4, views, 2, colour, camera_neighbours=5)[row]
+        assert int(mask.sum()) == 5 and bool((mask <= (colour & (prior.prompt_ids == 4))).all())
+        others = colour & (prior.prompt_ids == 4) & ~mask
+        assert float(_angle_degrees(prior, view, mask).max()) <= float(_angle_degrees(prior, view, others).min())
+        # Without a prompt (the unconditional): the nearest photos of every prompt.
+        everyone = prior.candidates(None, views, 2, colour, camera_neighbours=5)[row]
+        assert int(everyone.sum()) == 5 * len(OBJECTS)
+        assert [int((everyone & (prior.prompt_ids == p)).sum()) for p in range(len(OBJECTS))] == [5] * len(OBJECTS)
 
 
 def test_views_are_front_biased(prior):
@@ -109,3 +138,25 @@ def test_backdrop_sets_the_photos_and_ground_truth_background():
     assert torch.allclose(grey.permute(0, 2, 3, 1)[empty], torch.full((1, 3), 0.5), atol=1e-3)
     assert torch.allclose(white.permute(0, 2, 3, 1)[empty], torch.ones(1, 3), atol=1e-3)
     assert PriorSpec(backdrop=0.5).cache_key() != PriorSpec(backdrop=1.0).cache_key()
+
+
+def test_camera_conditioned_guidance_denoises_to_the_photo_from_the_nearest_camera(prior):
+    from dreamfusion.config import Config, apply_overrides
+    from dreamfusion.guidance.synthetic import SyntheticGuidance
+
+    config = apply_overrides(Config(prompt="a purple donut"), ["guidance.prior_conditioning=camera"])
+    guidance = SyntheticGuidance(config, prior=prior)
+    data = load_or_build_images(SPEC)
+    colour = ~prior.textureless
+    photo = int(((prior.prompt_ids == 4) & colour).nonzero()[7])
+    views = views_of(["side"], [float(data["azimuth_degrees"][photo]) + 2.0], [float(data["elevation_degrees"][photo])])
+    noisy = torch.randn(1, prior.flat.shape[1])  # a sample far from any photo: only the camera decides
+    alpha_bar = torch.tensor([0.5])
+    conditional, unconditional, guided = guidance.predictions(noisy, alpha_bar, views, 1.0)
+    torch.testing.assert_close(conditional[0], prior.flat[photo])
+    torch.testing.assert_close(guided, conditional)
+    nearest_of_each_prompt = prior.candidates(None, views, 1, colour, camera_neighbours=1)
+    torch.testing.assert_close(unconditional, prior.posterior_mean(noisy, alpha_bar, nearest_of_each_prompt))
+    # Without view-dependent conditioning the camera is not used: the prompt's photos from everywhere.
+    free, _, _ = guidance.predictions(noisy, alpha_bar, None, 1.0)
+    torch.testing.assert_close(free, prior.posterior_mean(noisy, alpha_bar, colour & (prior.prompt_ids == 4)))

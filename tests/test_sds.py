@@ -4,6 +4,7 @@ from torch import nn
 from dreamfusion.config import SDSConfig
 from dreamfusion.guidance.base import Guidance, scaled_linear_alphas_cumprod
 from dreamfusion.sds import sds_loss, timestep_bounds, weighting
+from tests.conftest import views_of
 
 
 class NetworkGuidance(Guidance):
@@ -17,19 +18,19 @@ class NetworkGuidance(Guidance):
     def encode(self, images, progress=1.0):
         return images * 2 - 1
 
-    def predict_noise(self, noisy, timesteps, view_labels, guidance_scale, textureless=False):
-        self.calls.append((timesteps.clone(), view_labels, guidance_scale, torch.is_grad_enabled()))
+    def predict_noise(self, noisy, timesteps, views, guidance_scale, textureless=False):
+        self.calls.append((timesteps.clone(), views, guidance_scale, torch.is_grad_enabled()))
         return self.net(noisy)
 
 
 def test_gradient_reaches_render_never_the_guidance_network():
     guidance = NetworkGuidance()
     images = torch.rand(2, 3, 8, 8, requires_grad=True)
-    result = sds_loss(guidance, images, ["front", "back"], SDSConfig(), 0.0, torch.Generator().manual_seed(0))
+    result = sds_loss(guidance, images, views_of(["front", "back"]), SDSConfig(), 0.0, torch.Generator().manual_seed(0))
     result.loss.backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     assert all(p.grad is None for p in guidance.net.parameters())
-    assert guidance.calls[0][1] == ["front", "back"] and guidance.calls[0][3] is False
+    assert guidance.calls[0][1].labels == ["front", "back"] and guidance.calls[0][3] is False
 
 
 def test_render_gradient_equals_weighted_noise_residual():

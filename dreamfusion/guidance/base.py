@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from dreamfusion.cameras import ViewCondition
+
 
 def scaled_linear_alphas_cumprod(
     steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
@@ -43,11 +45,12 @@ class Guidance(ABC):
         self,
         noisy: torch.Tensor,
         timesteps: torch.Tensor,
-        view_labels: list[str] | None,
+        views: ViewCondition | None,
         guidance_scale: float,
         textureless: bool = False,
     ) -> torch.Tensor:
-        """Classifier-free-guided noise prediction for the run's prompt (and per-sample view labels).
+        """Classifier-free-guided noise prediction for the run's prompt and, unless ``views`` is None (view-
+        dependent conditioning off), each sample's view: a text model takes its label as a prompt suffix.
 
         ``textureless`` says the renders are shaded without albedo; a backend that can condition on it
         (the synthetic prior) does, others ignore it.

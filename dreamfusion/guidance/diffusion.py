@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dreamfusion.cameras import ViewCondition
 from dreamfusion.config import Config
 from dreamfusion.errors import UserInputError
 from dreamfusion.guidance.base import Guidance
@@ -124,18 +125,18 @@ class DiffusersGuidance(Guidance):
             self.embeddings = {k: v.to(device) for k, v in self.embeddings.items()}
         return self
 
-    def condition(self, view_labels: list[str] | None, batch: int) -> torch.Tensor:
-        if view_labels is None:
+    def condition(self, views: ViewCondition | None, batch: int) -> torch.Tensor:
+        if views is None:
             return self.embeddings[None].expand(batch, -1, -1)
-        return torch.stack([self.embeddings[label] for label in view_labels])
+        return torch.stack([self.embeddings[label] for label in views.labels])
 
     @torch.no_grad()
-    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, view_labels: list[str] | None,
+    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, views: ViewCondition | None,
                       guidance_scale: float, textureless: bool = False) -> torch.Tensor:
         batch = noisy.shape[0]
         inputs = torch.cat([noisy, noisy]).to(self.device, self.dtype)
         steps = torch.cat([timesteps, timesteps]).to(self.device)
-        text = torch.cat([self.embeddings[""].expand(batch, -1, -1), self.condition(view_labels, batch)])
+        text = torch.cat([self.embeddings[""].expand(batch, -1, -1), self.condition(views, batch)])
         output = self.unet(inputs, steps, encoder_hidden_states=text).sample.float()
         output = output[:, : noisy.shape[1]]  # IF also predicts the variance: keep the noise channels
         unconditional, conditional = output.chunk(2)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dreamfusion.cameras import ViewCondition
 from dreamfusion.config import Config
 from dreamfusion.guidance.base import Guidance, scaled_linear_alphas_cumprod
 from dreamfusion.prior.synthetic import PriorSpec, SyntheticPrior, prompt_index
@@ -19,6 +20,7 @@ class SyntheticGuidance(Guidance):
         spec = PriorSpec(g.prior_resolution, g.prior_views, g.front_bias, g.prior_backdrop)
         self.prior = prior or SyntheticPrior(spec, config.camera, cache_dir)
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
+        self.camera_neighbours = g.prior_camera_neighbours if g.prior_conditioning == "camera" else 0
 
     def to(self, device: torch.device) -> SyntheticGuidance:
         self.prior.to(device)
@@ -32,7 +34,7 @@ class SyntheticGuidance(Guidance):
 
     @torch.no_grad()
     def predictions(
-        self, flat: torch.Tensor, alpha_bar: torch.Tensor, view_labels: list[str] | None, guidance_scale: float,
+        self, flat: torch.Tensor, alpha_bar: torch.Tensor, views: ViewCondition | None, guidance_scale: float,
         textureless: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Conditional, unconditional and classifier-free-guided x0 of noisy ``[B, D]`` images."""
@@ -40,9 +42,13 @@ class SyntheticGuidance(Guidance):
         # Colour renders are judged against colour photos, textureless renders against textureless ones:
         # otherwise a grey render matches the prompt's textureless photos and colour is never learned.
         kind = self.prior.textureless == textureless
-        condition = self.prior.candidates(self.prompt_id, view_labels, batch) & kind
+        condition = self.prior.candidates(self.prompt_id, views, batch, kind, self.camera_neighbours)
+        # A camera-conditioned model keeps the camera when the prompt is dropped (MVDream's guidance);
+        # a view label is part of the prompt and goes with it.
+        unconditional_views = views if self.camera_neighbours else None
+        everything = self.prior.candidates(None, unconditional_views, batch, kind, self.camera_neighbours)
         conditional = self.prior.posterior_mean(flat, alpha_bar, condition)
-        unconditional = self.prior.posterior_mean(flat, alpha_bar, kind.expand(batch, -1))
+        unconditional = self.prior.posterior_mean(flat, alpha_bar, everything)
         return conditional, unconditional, unconditional + guidance_scale * (conditional - unconditional)
 
     @torch.no_grad()
@@ -50,14 +56,14 @@ class SyntheticGuidance(Guidance):
         self,
         noisy: torch.Tensor,
         timesteps: torch.Tensor,
-        view_labels: list[str] | None,
+        views: ViewCondition | None,
         guidance_scale: float,
         textureless: bool = False,
     ) -> torch.Tensor:
         batch = noisy.shape[0]
         flat = noisy.reshape(batch, -1)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()].to(noisy.device)
-        _, _, x0 = self.predictions(flat, alpha_bar, view_labels, guidance_scale, textureless)
+        _, _, x0 = self.predictions(flat, alpha_bar, views, guidance_scale, textureless)
         sqrt_ab = alpha_bar.sqrt()[:, None]
         noise = (flat - sqrt_ab * x0) / (1.0 - alpha_bar).sqrt()[:, None]
         return noise.reshape_as(noisy)

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save_file
 
-from dreamfusion.cameras import VIEW_LABELS, CameraBatch, cameras_from_angles, view_label
+from dreamfusion.cameras import (
+    VIEW_LABELS,
+    CameraBatch,
+    ViewCondition,
+    camera_directions,
+    cameras_from_angles,
+    view_label,
+)
 from dreamfusion.config import CameraConfig, GuidanceConfig
 from dreamfusion.prior.shapes import OBJECTS, SDFField, SyntheticObject, find_object
 from dreamfusion.renderer import Shading, render_batched
@@ -137,6 +144,7 @@ class SyntheticPrior:
         self.square_norms = (self.flat * self.flat).sum(-1)
         self.prompt_ids = data["prompt_ids"].long()
         self.textureless = data["textureless"].bool()
+        self.directions = camera_directions(data["azimuth_degrees"], data["elevation_degrees"])
         self.view_ids = torch.tensor(
             [
                 VIEW_LABELS.index(view_label(float(a), float(e), labels_config.front_angle,
@@ -149,23 +157,39 @@ class SyntheticPrior:
     def resolution(self) -> int:
         return self.spec.resolution
 
-    def candidates(self, prompt_id: int | None, labels: list[str] | None, batch: int) -> torch.Tensor:
-        """``[B, N]`` mask of the images a (prompt, view label) condition ranges over."""
-        if prompt_id is None:
-            return torch.ones(batch, self.flat.shape[0], dtype=torch.bool, device=self.flat.device)
-        of_prompt = self.prompt_ids == prompt_id
-        if labels is None:
-            return of_prompt.expand(batch, -1)
+    def candidates(
+        self, prompt_id: int | None, views: ViewCondition | None, batch: int, kind: torch.Tensor | None = None,
+        camera_neighbours: int = 0,
+    ) -> torch.Tensor:
+        """``[B, N]`` mask of the photos a condition ranges over: the prompt's (every prompt's for None), of
+        one ``kind`` (an ``[N]`` mask: colour or textureless photos), narrowed when ``views`` are given to
+        each render's view label or, with ``camera_neighbours``, to each prompt's that many photos whose
+        cameras are nearest the render's."""
+        allowed = torch.ones_like(self.prompt_ids, dtype=torch.bool) if kind is None else kind.to(self.flat.device)
+        if prompt_id is not None:
+            allowed = allowed & (self.prompt_ids == prompt_id)
+        if views is None:
+            return allowed.expand(batch, -1)
+        if camera_neighbours:
+            return self._nearest_photos(views, allowed, camera_neighbours)
         rows = []
-        for label in labels:
-            # Both photo kinds must be present for the label, or it falls back to the whole prompt.
-            mask = of_prompt & (self.view_ids == VIEW_LABELS.index(label))
-            rows.append(mask if bool((mask & self.textureless).any()) else of_prompt)
+        for label in views.labels:
+            mask = allowed & (self.view_ids == VIEW_LABELS.index(label))
+            rows.append(mask if bool(mask.any()) else allowed)  # a label without photos: the whole prompt
         return torch.stack(rows)
+
+    def _nearest_photos(self, views: ViewCondition, allowed: torch.Tensor, count: int) -> torch.Tensor:
+        cosines = views.directions().to(self.directions) @ self.directions.T
+        chosen = torch.zeros_like(cosines, dtype=torch.bool)
+        for prompt_id in self.prompt_ids[allowed].unique():
+            members = allowed & (self.prompt_ids == prompt_id)
+            nearest = cosines.masked_fill(~members, -2.0).topk(min(count, int(members.sum())), dim=-1).indices
+            chosen.scatter_(1, nearest, True)
+        return chosen
 
     def to(self, device: torch.device) -> SyntheticPrior:
         """Keep the photo set where the renders are (the GPU when training there)."""
-        for name in ("images", "flat", "square_norms", "prompt_ids", "textureless", "view_ids"):
+        for name in ("images", "flat", "square_norms", "prompt_ids", "textureless", "view_ids", "directions"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
