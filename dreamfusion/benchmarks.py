@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform as _stdlib_platform
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -187,6 +188,7 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
         if ablations and obj.has_front and (ablation_prompts is None or obj.prompt in ablation_prompts):
             plan.append((obj.prompt, "no_view_dependent", ["sds.view_dependent=false"]))
             plan.append((obj.prompt, "no_textureless", ["render.shading_ratios=0.3,0.7,0"]))
+    command = _quality_command(prompts, ablations, iterations, ablation_prompts, settings)
     payload: dict[str, Any] = {}
     todo = [(prompt, arm, overrides) for prompt, arm, overrides in plan if arm not in runs.get(prompt, {})]
     started = time.perf_counter()
@@ -194,11 +196,29 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
         eta = f", about {(time.perf_counter() - started) / done * (len(todo) - done) / 60:.0f} min left" if done else ""
         log.info("quality run %d/%d: %s (%s)%s", done + 1, len(todo), prompt, arm.replace("_", " "), eta)
         runs.setdefault(prompt, {})[arm] = _train_and_evaluate(prompt, settings + overrides, iterations)
-        payload = _write_quality(out, runs, iterations, settings)
-    return payload or _write_quality(out, runs, iterations, settings)
+        payload = _write_quality(out, runs, iterations, settings, command)
+    return payload or _write_quality(out, runs, iterations, settings, command)
 
 
-def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, settings: list[str]) -> dict[str, Any]:
+def _quality_command(prompts: list[str] | None, ablations: bool, iterations: int | None,
+                     ablation_prompts: list[str] | None, settings: list[str]) -> str:
+    """The command line that reruns this table, every option that shaped it included."""
+    words = ["dreamfusion", "bench", "quality"]
+    if iterations is not None:
+        words += ["--iters", str(iterations)]
+    if prompts is not None:
+        words += ["--prompts", ";".join(prompts)]
+    if not ablations:
+        words.append("--no-ablations")
+    elif ablation_prompts is not None:
+        words += ["--ablation-prompts", ";".join(ablation_prompts)]
+    for setting in settings:
+        words += ["--set", setting]
+    return shlex.join(words)
+
+
+def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, settings: list[str],
+                   command: str) -> dict[str, Any]:
     table = ["| prompt | IoU | PSNR | R-prec colour | R-prec textureless | Janus | front recall | seconds |",
              "|---|---|---|---|---|---|---|---|"]
 
@@ -214,7 +234,6 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
     if ablated:
         table += ["", "Ablations on objects with a front (same seed and settings otherwise):", "", table[0], table[1]]
         table += [row(f"{p} ({arm.replace('_', ' ')})", runs[p][arm]) for p, arm in ablated]
-    command = " ".join(["dreamfusion bench quality"] + [f"--set {setting}" for setting in settings])
     payload = {"machine": _machine(), "command": command, "iterations": iterations, "settings": settings,
                "runs": runs}
     _write(out, "quality", payload, table)

@@ -50,7 +50,8 @@ def test_quality_settings_reach_every_run_and_a_change_of_them_starts_afresh(tmp
     assert ("a head with a face", ("optim.lr=0.03", "sds.view_dependent=false")) in calls
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["settings"] == ["optim.lr=0.03"]
-    assert "`dreamfusion bench quality --set optim.lr=0.03`" in (tmp_path / "quality.md").read_text()
+    command = "dreamfusion bench quality --iters 5 --prompts 'a head with a face' --set optim.lr=0.03"
+    assert f"`{command}`" in (tmp_path / "quality.md").read_text() and saved["command"] == command
 
     calls.clear()
     benchmarks.quality(tmp_path, prompts=["a head with a face"], iterations=5, settings=["optim.lr=0.04"])
@@ -59,6 +60,16 @@ def test_quality_settings_reach_every_run_and_a_change_of_them_starts_afresh(tmp
     with pytest.raises(UserInputError, match="unknown config key 'optim.nope'"):
         benchmarks.quality(tmp_path / "bad", prompts=["a red ball"], iterations=5, settings=["optim.nope=1"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_quality_records_every_option_that_shaped_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmarks, "_train_and_evaluate", fake_metrics)
+    benchmarks.quality(tmp_path / "a", ablation_prompts=["a head with a face"], prompts=["a head with a face"])
+    assert json.loads((tmp_path / "a" / "quality.json").read_text())["command"] == (
+        "dreamfusion bench quality --prompts 'a head with a face' --ablation-prompts 'a head with a face'")
+    benchmarks.quality(tmp_path / "b", ablations=False, prompts=["a red ball"], settings=["sds.guidance_scale=1"])
+    assert json.loads((tmp_path / "b" / "quality.json").read_text())["command"] == (
+        "dreamfusion bench quality --prompts 'a red ball' --no-ablations --set sds.guidance_scale=1")
 
 
 def test_speed_times_every_case_and_writes_its_table(tmp_path):
