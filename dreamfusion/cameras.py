@@ -46,13 +46,6 @@ def view_label(azimuth: float, elevation: float, front_angle: float = 90.0, over
     return "side"
 
 
-def view_labels(cameras: CameraBatch, config: CameraConfig) -> list[str]:
-    return [
-        view_label(float(a), float(e), config.front_angle, config.overhead_elevation)
-        for a, e in zip(cameras.azimuth_degrees, cameras.elevation_degrees, strict=True)
-    ]
-
-
 def camera_directions(azimuth_degrees: torch.Tensor, elevation_degrees: torch.Tensor) -> torch.Tensor:
     """``[B, 3]`` unit vectors from the origin towards each camera."""
     az, el = torch.deg2rad(azimuth_degrees), torch.deg2rad(elevation_degrees)
@@ -74,7 +67,11 @@ class ViewCondition:
 
 
 def view_condition(cameras: CameraBatch, config: CameraConfig) -> ViewCondition:
-    return ViewCondition(view_labels(cameras, config), cameras.azimuth_degrees, cameras.elevation_degrees)
+    labels = [
+        view_label(float(a), float(e), config.front_angle, config.overhead_elevation)
+        for a, e in zip(cameras.azimuth_degrees, cameras.elevation_degrees, strict=True)
+    ]
+    return ViewCondition(labels, cameras.azimuth_degrees, cameras.elevation_degrees)
 
 
 def cameras_from_angles(

@@ -60,18 +60,12 @@ def camera_kernel() -> None:
         flat = noisy.reshape(batch, -1)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()]
         kind = prior.textureless == textureless
-        log_weights = torch.zeros(batch, kind.shape[0])
-        if views is not None:  # view-dependent conditioning off: no camera either
-            log_weights = (views.directions() @ prior.directions.T - 1.0) / width**2
-        distance = (
-            (flat * flat).sum(-1, keepdim=True)
-            - 2.0 * alpha_bar.sqrt()[:, None] * flat @ prior.flat.T
-            + alpha_bar[:, None] * prior.square_norms[None]
-        )
-        logits = -distance / (2.0 * (1.0 - alpha_bar[:, None])) + log_weights
+        logits = prior.posterior_logits(flat, alpha_bar)
+        if views is not None:  # with view-dependent conditioning off there is no camera either
+            logits = logits + (views.directions() @ prior.directions.T - 1.0) / width**2
         condition = prior.candidates(self.prompt_id, views, batch, kind)
-        conditional = torch.softmax(logits.masked_fill(~condition, float("-inf")), -1) @ prior.flat
-        unconditional = torch.softmax(logits.masked_fill(~kind, float("-inf")), -1) @ prior.flat
+        conditional = prior.mean_over(logits, condition)
+        unconditional = prior.mean_over(logits, kind.expand(batch, -1))
         x0 = unconditional + guidance_scale * (conditional - unconditional)
         noise = (flat - alpha_bar.sqrt()[:, None] * x0) / (1.0 - alpha_bar).sqrt()[:, None]
         return noise.reshape_as(noisy)

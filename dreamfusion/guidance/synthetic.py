@@ -47,8 +47,9 @@ class SyntheticGuidance(Guidance):
         # a view label is part of the prompt and goes with it.
         unconditional_views = views if self.camera_neighbours else None
         everything = self.prior.candidates(None, unconditional_views, batch, kind, self.camera_neighbours)
-        conditional = self.prior.posterior_mean(flat, alpha_bar, condition)
-        unconditional = self.prior.posterior_mean(flat, alpha_bar, everything)
+        logits = self.prior.posterior_logits(flat, alpha_bar)
+        conditional = self.prior.mean_over(logits, condition)
+        unconditional = self.prior.mean_over(logits, everything)
         return conditional, unconditional, unconditional + guidance_scale * (conditional - unconditional)
 
     @torch.no_grad()

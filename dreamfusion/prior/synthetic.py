@@ -193,19 +193,27 @@ class SyntheticPrior:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def posterior_mean(self, noisy: torch.Tensor, alpha_bar: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """E[x_0 | x_t] over the masked images; ``noisy`` is ``[B, D]`` in the model's [-1, 1] space."""
+    def posterior_logits(self, noisy: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` log-weights of every photo as x_0 given x_t (up to a constant per row); ``noisy`` is
+        ``[B, D]`` in the model's [-1, 1] space."""
         device = self.flat.device
-        noisy, alpha_bar, mask = noisy.to(device), alpha_bar.to(device), mask.to(device)
-        sqrt_ab = alpha_bar.sqrt()[:, None]
+        noisy, alpha_bar = noisy.to(device), alpha_bar.to(device)
         distance = (
             (noisy * noisy).sum(-1, keepdim=True)
-            - 2.0 * sqrt_ab * noisy @ self.flat.T
+            - 2.0 * alpha_bar.sqrt()[:, None] * noisy @ self.flat.T
             + alpha_bar[:, None] * self.square_norms[None]
         )
-        logits = -distance / (2.0 * (1.0 - alpha_bar[:, None]))
-        weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        return -distance / (2.0 * (1.0 - alpha_bar[:, None]))
+
+    def mean_over(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The photos' mean under softmax weights ``logits`` restricted to ``mask``: one set of
+        ``posterior_logits`` serves every condition (conditional and unconditional) of a step."""
+        weights = torch.softmax(logits.masked_fill(~mask.to(logits.device), float("-inf")), dim=-1)
         return weights @ self.flat
+
+    def posterior_mean(self, noisy: torch.Tensor, alpha_bar: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """E[x_0 | x_t] over the masked images."""
+        return self.mean_over(self.posterior_logits(noisy, alpha_bar), mask)
 
     def _log_likelihoods(self, images: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
         x = images.to(self.flat.device).reshape(images.shape[0], -1) * 2.0 - 1.0
