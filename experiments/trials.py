@@ -20,6 +20,13 @@ take their normals by autograd through the patch, as every run did before the an
 - ``true-shape``: the density is the ground truth's (synthetic prompts only); only colour learns.
 - ``shaded-normals-only``: in lambertian and textureless steps the density reaches the loss through
   the normals only, not through the opacity (the compositing weights are detached there).
+- ``posterior-temperature``: the denoiser's softmax over photos is tempered, its log-weights divided
+  by ``TRIAL_TEMPERATURE`` (4) for the first ``TRIAL_TEMPERATURE_UNTIL`` (1) of the steps: a less
+  peaked posterior, an average of several photos at every t (a huge temperature: the mean photo).
+- ``local-posterior``: each pixel's x0 is its own posterior mean over the photos' pixels there, with
+  weights from the ``TRIAL_PATCH`` x ``TRIAL_PATCH`` (9) patch around it (a locally consistent
+  denoiser, Kamb & Ganguli 2024: what trained convolutional denoisers are found to compute, and
+  how they make images no training photo holds).
 - ``coarse-to-fine``: the hash grid starts with its ``TRIAL_START_LEVELS`` (2) coarsest levels; the
   others switch on one by one, evenly, until ``TRIAL_ALL_LEVELS_AT`` (0.5) of the steps.
 """
@@ -31,6 +38,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 import dreamfusion.encoding as encoding_module
 import dreamfusion.field as field_module
@@ -39,6 +47,7 @@ import dreamfusion.trainer as trainer_module
 from dreamfusion.cli import main
 from dreamfusion.guidance.synthetic import SyntheticGuidance
 from dreamfusion.prior.shapes import SDFField, find_object
+from dreamfusion.prior.synthetic import SyntheticPrior
 
 
 def _normals_through_patches() -> None:
@@ -178,6 +187,60 @@ def shaded_normals_only() -> None:
     renderer_module.density_from_log = density
 
 
+def posterior_temperature() -> None:
+    temperature, until = _setting("TRIAL_TEMPERATURE", 4.0), _setting("TRIAL_TEMPERATURE_UNTIL", 1.0)
+    progress = {"now": 0.0}
+    posterior_logits = SyntheticPrior.posterior_logits
+    train_step = trainer_module.Trainer._train_step
+
+    def tempered(self, noisy, alpha_bar):
+        logits = posterior_logits(self, noisy, alpha_bar)
+        return logits / temperature if progress["now"] < until else logits
+
+    def step(self):
+        progress["now"] = self.progress
+        try:
+            return train_step(self)
+        finally:
+            progress["now"] = 1.0
+
+    SyntheticPrior.posterior_logits = tempered
+    trainer_module.Trainer._train_step = step
+
+
+def local_posterior() -> None:
+    patch = int(_setting("TRIAL_PATCH", 9))
+
+    def patch_sums(values: torch.Tensor) -> torch.Tensor:
+        shape = values.shape
+        summed = F.avg_pool2d(values.reshape(-1, 1, *shape[-2:]), patch, 1, patch // 2, count_include_pad=True)
+        return summed.reshape(shape) * patch * patch
+
+    @torch.no_grad()
+    def predictions(self, flat, alpha_bar, views, guidance_scale, textureless=False):
+        prior, batch, size = self.prior, flat.shape[0], self.prior.resolution
+        kind = prior.textureless == textureless
+        condition = prior.candidates(self.prompt_id, views, batch, kind, self.camera_neighbours)
+        everything = prior.candidates(None, views if self.camera_neighbours else None, batch, kind,
+                                      self.camera_neighbours)
+        used = kind.nonzero().squeeze(1)
+        photos = prior.flat[used].reshape(-1, 3, size, size)
+        noisy = flat.reshape(batch, 3, size, size)
+        cross = patch_sums(torch.einsum("bchw,nchw->bnhw", noisy, photos))
+        energy = patch_sums((photos * photos).sum(1))
+        sqrt_ab, ab = alpha_bar.sqrt()[:, None, None, None], alpha_bar[:, None, None, None]
+        logits = (2.0 * sqrt_ab * cross - ab * energy[None]) / (2.0 * (1.0 - ab))
+
+        def mean(mask):
+            masked = logits.masked_fill(~mask[:, used, None, None], float("-inf"))
+            return torch.einsum("bnhw,nchw->bchw", torch.softmax(masked, dim=1), photos).reshape(batch, -1)
+
+        conditional, unconditional = mean(condition), mean(everything)
+        return conditional, unconditional, unconditional + guidance_scale * (conditional - unconditional)
+
+    SyntheticGuidance.predictions = predictions
+
+
 TRIALS = {
     "camera-kernel": camera_kernel,
     "clamp-x0": clamp_x0,
@@ -186,6 +249,8 @@ TRIALS = {
     "true-shape": true_shape,
     "coarse-to-fine": coarse_to_fine,
     "shaded-normals-only": shaded_normals_only,
+    "posterior-temperature": posterior_temperature,
+    "local-posterior": local_posterior,
 }
 
 
