@@ -38,7 +38,8 @@ def plain(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", ["camera-kernel", "clamp-x0", "frozen-density", "blob-floor",
-                                   "coarse-to-fine", "shaded-normals-only"])
+                                   "coarse-to-fine", "shaded-normals-only", "posterior-temperature",
+                                   "local-posterior"])
 def test_each_trial_changes_the_training(trial, plain, tmp_path):
     _, weights = _run(tmp_path, trial)
     assert max(float((weights[key] - value).abs().max()) for key, value in plain[1].items()) > 1e-3
@@ -54,6 +55,34 @@ def test_camera_conditioned_prior_changes_the_training(plain, tmp_path):
 def test_true_shape_trial_learns_colour_on_the_ground_truth_geometry(plain, tmp_path):
     metrics, _ = _run(tmp_path, "true-shape")
     assert metrics["silhouette_iou"] > 0.95 > plain[0]["silhouette_iou"]
+
+
+def _trials_module():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import trials
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    return trials
+
+
+def test_local_posterior_is_the_exact_posterior_when_the_patch_covers_the_image(monkeypatch):
+    import torch
+
+    from dreamfusion.guidance.synthetic import SyntheticGuidance
+    from tests.conftest import tiny_config, views_of
+
+    guidance = SyntheticGuidance(tiny_config(PROMPT))
+    views = views_of(["front", "side", "back", "overhead"], [0.0, 90.0, 180.0, 0.0], [10.0, 10.0, 10.0, 80.0])
+    noisy = torch.rand(4, 3 * guidance.prior.resolution**2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    alpha_bar = torch.tensor([0.05, 0.3, 0.7, 0.95])
+    exact = guidance.predictions(noisy, alpha_bar, views, 7.5)
+    monkeypatch.setattr(SyntheticGuidance, "predictions", SyntheticGuidance.predictions)  # restored after
+    for patch, same in ((2 * guidance.prior.resolution + 1, True), (5, False)):
+        monkeypatch.setenv("TRIAL_PATCH", str(patch))
+        _trials_module().local_posterior()
+        local = guidance.predictions(noisy, alpha_bar, views, 7.5)
+        assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(exact, local, strict=True)) == same
 
 
 def test_unknown_trial_is_refused():
