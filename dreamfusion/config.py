@@ -193,6 +193,9 @@ class GuidanceConfig:
     # such as Zero-1-to-3 or MVDream sees a view).
     prior_conditioning: str = "view_label"
     prior_camera_neighbours: int = 1
+    # Share of the steps during which the synthetic prior answers with each condition's mean photo (its
+    # posterior at infinite noise) instead of its posterior at the sampled t: see SyntheticGuidance.
+    prior_mean_warmup_fraction: float = 0.0
     dtype: str = "auto"  # the diffusion network's precision: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
     checkpointing: str = "auto"  # activation checkpointing: auto (DeepSpeed if installed, else torch), off
     latent_fraction: float = 0.0  # stable-diffusion: first fraction of steps renders latent colour directly
@@ -213,6 +216,7 @@ class GuidanceConfig:
         _in_range(self, "front_bias", 0.0, 1.0)
         _in_range(self, "prior_backdrop", 0.0, 1.0)
         _choice(self, "prior_conditioning", ("view_label", "camera"))
+        _in_range(self, "prior_mean_warmup_fraction", 0.0, 1.0)
         if not 1 <= self.prior_camera_neighbours <= self.prior_views:
             raise UserInputError(
                 f"guidance.prior_camera_neighbours must lie in [1, guidance.prior_views = {self.prior_views}],"

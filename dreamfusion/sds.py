@@ -52,7 +52,7 @@ def sds_loss(
     shape = (batch,) + (1,) * (latents.dim() - 1)
     noisy = alpha_bar.sqrt().reshape(shape) * latents.detach() + (1.0 - alpha_bar).sqrt().reshape(shape) * noise
     with torch.no_grad():
-        predicted = guidance.predict_noise(noisy, timesteps, views, config.guidance_scale, textureless)
+        predicted = guidance.predict_noise(noisy, timesteps, views, config.guidance_scale, textureless, progress)
     gradient = weighting(config, alpha_bar).reshape(shape) * (predicted.to(latents) - noise)
     gradient = torch.nan_to_num(gradient, nan=0.0, posinf=0.0, neginf=0.0)
     # d(loss)/d(latents) == gradient, and nothing reaches the diffusion network.

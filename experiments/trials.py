@@ -64,7 +64,7 @@ def camera_kernel() -> None:
     width = math.radians(_setting("TRIAL_KERNEL_DEGREES", 20.0))
 
     @torch.no_grad()
-    def predict_noise(self, noisy, timesteps, views, guidance_scale, textureless=False):
+    def predict_noise(self, noisy, timesteps, views, guidance_scale, textureless=False, progress=1.0):
         prior, batch = self.prior, noisy.shape[0]
         flat = noisy.reshape(batch, -1)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()]
@@ -85,8 +85,8 @@ def camera_kernel() -> None:
 def clamp_x0() -> None:
     predict_noise = SyntheticGuidance.predict_noise
 
-    def clamped(self, noisy, timesteps, views, guidance_scale, textureless=False):
-        noise = predict_noise(self, noisy, timesteps, views, guidance_scale, textureless)
+    def clamped(self, noisy, timesteps, views, guidance_scale, textureless=False, progress=1.0):
+        noise = predict_noise(self, noisy, timesteps, views, guidance_scale, textureless, progress)
         shape = (-1,) + (1,) * (noisy.dim() - 1)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()].to(noisy).reshape(shape)
         x0 = ((noisy - (1.0 - alpha_bar).sqrt() * noise) / alpha_bar.sqrt()).clamp(-1.0, 1.0)

@@ -42,6 +42,7 @@ def test_overrides_coerce_types():
         ("guidance.prior_conditioning=pose", "guidance.prior_conditioning must be one of view_label, camera"),
         ("guidance.prior_camera_neighbours=0", "must lie in [1, guidance.prior_views = 128], got 0"),
         ("guidance.prior_camera_neighbours=129", "must lie in [1, guidance.prior_views = 128], got 129"),
+        ("guidance.prior_mean_warmup_fraction=1.5", "guidance.prior_mean_warmup_fraction must lie in"),
     ],
 )
 def test_bad_values_name_the_problem(override, fragment):

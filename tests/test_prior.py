@@ -7,7 +7,13 @@ from dreamfusion.cameras import VIEW_LABELS, ViewCondition
 from dreamfusion.errors import UserInputError
 from dreamfusion.evaluate import _downsample, held_out_cameras
 from dreamfusion.prior.shapes import OBJECTS, find_object, known_prompts
-from dreamfusion.prior.synthetic import PriorSpec, SyntheticPrior, load_or_build_images, render_ground_truth
+from dreamfusion.prior.synthetic import (
+    PriorSpec,
+    SyntheticPrior,
+    load_or_build_images,
+    prompt_index,
+    render_ground_truth,
+)
 from tests.conftest import views_of
 
 SPEC = PriorSpec(resolution=16, views=48)
@@ -160,3 +166,24 @@ def test_camera_conditioned_guidance_denoises_to_the_photo_from_the_nearest_came
     # Without view-dependent conditioning the camera is not used: the prompt's photos from everywhere.
     free, _, _ = guidance.predictions(noisy, alpha_bar, None, 1.0)
     torch.testing.assert_close(free, prior.posterior_mean(noisy, alpha_bar, colour & (prior.prompt_ids == 4)))
+
+
+def test_mean_warmup_answers_with_each_conditions_mean_photo_whatever_the_render(prior):
+    from dreamfusion.config import Config, apply_overrides
+    from dreamfusion.guidance.synthetic import SyntheticGuidance
+
+    config = apply_overrides(Config(prompt="a house with a red door"), ["guidance.prior_mean_warmup_fraction=0.25"])
+    guidance = SyntheticGuidance(config, prior=prior)
+    colour = ~prior.textureless
+    views = views_of(["front", "back"], [0.0, 180.0], [10.0, 10.0])
+    house_fronts = colour & (prior.prompt_ids == prompt_index("a house with a red door")) & (prior.view_ids == 0)
+    alpha_bar = torch.tensor([0.5, 0.9])
+    for noisy in (torch.randn(2, prior.flat.shape[1]), prior.flat[colour][:2]):
+        conditional, unconditional, guided = guidance.predictions(noisy, alpha_bar, views, 7.5, progress=0.2)
+        torch.testing.assert_close(conditional[0], prior.flat[house_fronts].mean(0))
+        torch.testing.assert_close(unconditional[1], prior.flat[colour].mean(0))
+        torch.testing.assert_close(guided, unconditional + 7.5 * (conditional - unconditional))
+    # Once the warm-up is over, the posterior at the sampled t again.
+    after, _, _ = guidance.predictions(noisy, alpha_bar, views, 7.5, progress=0.25)
+    masks = prior.candidates(prompt_index("a house with a red door"), views, 2, colour)
+    torch.testing.assert_close(after, prior.posterior_mean(noisy, alpha_bar, masks))

@@ -18,7 +18,7 @@ class NetworkGuidance(Guidance):
     def encode(self, images, progress=1.0):
         return images * 2 - 1
 
-    def predict_noise(self, noisy, timesteps, views, guidance_scale, textureless=False):
+    def predict_noise(self, noisy, timesteps, views, guidance_scale, textureless=False, progress=1.0):
         self.calls.append((timesteps.clone(), views, guidance_scale, torch.is_grad_enabled()))
         return self.net(noisy)
 

@@ -33,7 +33,7 @@ class AnyPromptGuidance(Guidance):
     def encode(self, images, progress=1.0):
         return images * 2 - 1
 
-    def predict_noise(self, noisy, timesteps, views, guidance_scale, textureless=False):
+    def predict_noise(self, noisy, timesteps, views, guidance_scale, textureless=False, progress=1.0):
         return torch.zeros_like(noisy)
 
 

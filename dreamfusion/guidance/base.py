@@ -48,10 +48,12 @@ class Guidance(ABC):
         views: ViewCondition | None,
         guidance_scale: float,
         textureless: bool = False,
+        progress: float = 1.0,
     ) -> torch.Tensor:
         """Classifier-free-guided noise prediction for the run's prompt and, unless ``views`` is None (view-
         dependent conditioning off), each sample's view: a text model takes its label as a prompt suffix.
 
         ``textureless`` says the renders are shaded without albedo; a backend that can condition on it
-        (the synthetic prior) does, others ignore it.
+        (the synthetic prior) does, others ignore it. ``progress`` (the share of the run done) is there
+        for a backend that changes its answers during the run (the synthetic prior's mean warm-up).
         """

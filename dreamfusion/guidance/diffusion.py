@@ -132,7 +132,7 @@ class DiffusersGuidance(Guidance):
 
     @torch.no_grad()
     def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, views: ViewCondition | None,
-                      guidance_scale: float, textureless: bool = False) -> torch.Tensor:
+                      guidance_scale: float, textureless: bool = False, progress: float = 1.0) -> torch.Tensor:
         batch = noisy.shape[0]
         inputs = torch.cat([noisy, noisy]).to(self.device, self.dtype)
         steps = torch.cat([timesteps, timesteps]).to(self.device)

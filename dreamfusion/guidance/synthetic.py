@@ -21,6 +21,7 @@ class SyntheticGuidance(Guidance):
         self.prior = prior or SyntheticPrior(spec, config.camera, cache_dir)
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
         self.camera_neighbours = g.prior_camera_neighbours if g.prior_conditioning == "camera" else 0
+        self.mean_warmup_fraction = g.prior_mean_warmup_fraction
 
     def to(self, device: torch.device) -> SyntheticGuidance:
         self.prior.to(device)
@@ -35,9 +36,11 @@ class SyntheticGuidance(Guidance):
     @torch.no_grad()
     def predictions(
         self, flat: torch.Tensor, alpha_bar: torch.Tensor, views: ViewCondition | None, guidance_scale: float,
-        textureless: bool = False,
+        textureless: bool = False, progress: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Conditional, unconditional and classifier-free-guided x0 of noisy ``[B, D]`` images."""
+        """Conditional, unconditional and classifier-free-guided x0 of noisy ``[B, D]`` images; during
+        the mean warm-up (``progress`` below ``guidance.prior_mean_warmup_fraction``) the posterior at
+        infinite noise, each condition's mean photo, whatever the render."""
         batch = flat.shape[0]
         # Colour renders are judged against colour photos, textureless renders against textureless ones:
         # otherwise a grey render matches the prompt's textureless photos and colour is never learned.
@@ -47,7 +50,13 @@ class SyntheticGuidance(Guidance):
         # a view label is part of the prompt and goes with it.
         unconditional_views = views if self.camera_neighbours else None
         everything = self.prior.candidates(None, unconditional_views, batch, kind, self.camera_neighbours)
-        logits = self.prior.posterior_logits(flat, alpha_bar)
+        if progress < self.mean_warmup_fraction:
+            # A finite photo set's posterior is one-hot at every t in thousands of dimensions, so it picks
+            # the photo nearest the render: early on, a blob's nearest photo is a roof-filled view from above
+            # and the object follows it. A trained model's high-noise answer is the condition's mean image.
+            logits = torch.zeros(batch, self.prior.flat.shape[0], device=self.prior.flat.device)
+        else:
+            logits = self.prior.posterior_logits(flat, alpha_bar)
         conditional = self.prior.mean_over(logits, condition)
         unconditional = self.prior.mean_over(logits, everything)
         return conditional, unconditional, unconditional + guidance_scale * (conditional - unconditional)
@@ -60,11 +69,12 @@ class SyntheticGuidance(Guidance):
         views: ViewCondition | None,
         guidance_scale: float,
         textureless: bool = False,
+        progress: float = 1.0,
     ) -> torch.Tensor:
         batch = noisy.shape[0]
         flat = noisy.reshape(batch, -1)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()].to(noisy.device)
-        _, _, x0 = self.predictions(flat, alpha_bar, views, guidance_scale, textureless)
+        _, _, x0 = self.predictions(flat, alpha_bar, views, guidance_scale, textureless, progress)
         sqrt_ab = alpha_bar.sqrt()[:, None]
         noise = (flat - sqrt_ab * x0) / (1.0 - alpha_bar).sqrt()[:, None]
         return noise.reshape_as(noisy)
