@@ -180,12 +180,17 @@ class SyntheticPrior:
 
     def _nearest_photos(self, views: ViewCondition, allowed: torch.Tensor, count: int) -> torch.Tensor:
         cosines = views.directions().to(self.directions) @ self.directions.T
-        chosen = torch.zeros_like(cosines, dtype=torch.bool)
-        for prompt_id in self.prompt_ids[allowed].unique():
-            members = allowed & (self.prompt_ids == prompt_id)
-            nearest = cosines.masked_fill(~members, -2.0).topk(min(count, int(members.sum())), dim=-1).indices
-            chosen.scatter_(1, nearest, True)
-        return chosen
+        # One sort for every prompt at once, with no host sync (this runs every step): by prompt, then
+        # by nearness (cosines lie in [-1, 1], so 4 apart per prompt keeps prompts apart); a photo is
+        # chosen when its rank within its prompt's allowed photos is below ``count``.
+        key = (self.prompt_ids * 4.0 - cosines).masked_fill(~allowed, float("inf"))
+        order = key.argsort(dim=-1)
+        per_prompt = torch.zeros(len(OBJECTS), dtype=torch.long, device=allowed.device)
+        per_prompt.scatter_add_(0, self.prompt_ids, allowed.long())
+        first = per_prompt.cumsum(0) - per_prompt
+        sorted_prompts = self.prompt_ids[order]
+        rank = torch.arange(order.shape[-1], device=order.device) - first[sorted_prompts]
+        return torch.zeros_like(cosines, dtype=torch.bool).scatter_(1, order, (rank < count) & allowed[order])
 
     def to(self, device: torch.device) -> SyntheticPrior:
         """Keep the photo set where the renders are (the GPU when training there)."""
