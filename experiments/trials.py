@@ -216,8 +216,12 @@ def local_posterior() -> None:
         summed = F.avg_pool2d(values.reshape(-1, 1, *shape[-2:]), patch, 1, patch // 2, count_include_pad=True)
         return summed.reshape(shape) * patch * patch
 
+    exact = SyntheticGuidance.predictions
+
     @torch.no_grad()
-    def predictions(self, flat, alpha_bar, views, guidance_scale, textureless=False):
+    def predictions(self, flat, alpha_bar, views, guidance_scale, textureless=False, progress=1.0):
+        if progress < self.mean_warmup_fraction:  # the mean photos: no patch changes a uniform posterior
+            return exact(self, flat, alpha_bar, views, guidance_scale, textureless, progress)
         prior, batch, size = self.prior, flat.shape[0], self.prior.resolution
         kind = prior.textureless == textureless
         condition = prior.candidates(self.prompt_id, views, batch, kind, self.camera_neighbours)
