@@ -27,6 +27,8 @@ take their normals by autograd through the patch, as every run did before the an
   weights from the ``TRIAL_PATCH`` x ``TRIAL_PATCH`` (9) patch around it (a locally consistent
   denoiser, Kamb & Ganguli 2024: what trained convolutional denoisers are found to compute, and
   how they make images no training photo holds).
+- ``guidance-after-warmup``: the guidance scale drops to ``TRIAL_GUIDANCE_AFTER`` (1) once the
+  synthetic prior's mean warm-up (``guidance.prior_mean_warmup_fraction``) is over.
 - ``coarse-to-fine``: the hash grid starts with its ``TRIAL_START_LEVELS`` (2) coarsest levels; the
   others switch on one by one, evenly, until ``TRIAL_ALL_LEVELS_AT`` (0.5) of the steps.
 """
@@ -245,6 +247,17 @@ def local_posterior() -> None:
     SyntheticGuidance.predictions = predictions
 
 
+def guidance_after_warmup() -> None:
+    after = _setting("TRIAL_GUIDANCE_AFTER", 1.0)
+    predict_noise = SyntheticGuidance.predict_noise
+
+    def scheduled(self, noisy, timesteps, views, guidance_scale, textureless=False, progress=1.0):
+        scale = guidance_scale if progress < self.mean_warmup_fraction else after
+        return predict_noise(self, noisy, timesteps, views, scale, textureless, progress)
+
+    SyntheticGuidance.predict_noise = scheduled
+
+
 TRIALS = {
     "camera-kernel": camera_kernel,
     "clamp-x0": clamp_x0,
@@ -255,6 +268,7 @@ TRIALS = {
     "shaded-normals-only": shaded_normals_only,
     "posterior-temperature": posterior_temperature,
     "local-posterior": local_posterior,
+    "guidance-after-warmup": guidance_after_warmup,
 }
 
 

@@ -39,7 +39,7 @@ def plain(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", ["camera-kernel", "clamp-x0", "frozen-density", "blob-floor",
                                    "coarse-to-fine", "shaded-normals-only", "posterior-temperature",
-                                   "local-posterior"])
+                                   "local-posterior", "guidance-after-warmup"])
 def test_each_trial_changes_the_training(trial, plain, tmp_path):
     _, weights = _run(tmp_path, trial)
     assert max(float((weights[key] - value).abs().max()) for key, value in plain[1].items()) > 1e-3
