@@ -62,6 +62,23 @@ def _setting(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
+def _following_progress() -> dict[str, float]:
+    """``{"now": share of the run done}`` during each training step, 1 outside them (evaluation and
+    export after training see the finished run)."""
+    progress = {"now": 1.0}
+    train_step = trainer_module.Trainer._train_step
+
+    def step(self):
+        progress["now"] = self.progress
+        try:
+            return train_step(self)
+        finally:
+            progress["now"] = 1.0
+
+    trainer_module.Trainer._train_step = step
+    return progress
+
+
 def camera_kernel() -> None:
     width = math.radians(_setting("TRIAL_KERNEL_DEGREES", 20.0))
 
@@ -148,8 +165,7 @@ def coarse_to_fine() -> None:
     _normals_through_patches()
     start, all_at = int(_setting("TRIAL_START_LEVELS", 2)), _setting("TRIAL_ALL_LEVELS_AT", 0.5)
     forward = encoding_module.HashGridEncoding.forward
-    progress = {"now": 1.0}  # evaluation and export after training see every level
-    train_step = trainer_module.Trainer._train_step
+    progress = _following_progress()
 
     def masked(self, points):
         features = forward(self, points)
@@ -158,15 +174,7 @@ def coarse_to_fine() -> None:
         mask = (torch.arange(self.levels, device=points.device) < active).to(features.dtype)
         return (features.reshape(-1, self.levels, self.features_per_level) * mask[:, None]).reshape(features.shape)
 
-    def step(self):
-        progress["now"] = self.progress
-        try:
-            return train_step(self)
-        finally:
-            progress["now"] = 1.0
-
     encoding_module.HashGridEncoding.forward = masked
-    trainer_module.Trainer._train_step = step
 
 
 def shaded_normals_only() -> None:
@@ -191,23 +199,14 @@ def shaded_normals_only() -> None:
 
 def posterior_temperature() -> None:
     temperature, until = _setting("TRIAL_TEMPERATURE", 4.0), _setting("TRIAL_TEMPERATURE_UNTIL", 1.0)
-    progress = {"now": 0.0}
+    progress = _following_progress()
     posterior_logits = SyntheticPrior.posterior_logits
-    train_step = trainer_module.Trainer._train_step
 
     def tempered(self, noisy, alpha_bar):
         logits = posterior_logits(self, noisy, alpha_bar)
         return logits / temperature if progress["now"] < until else logits
 
-    def step(self):
-        progress["now"] = self.progress
-        try:
-            return train_step(self)
-        finally:
-            progress["now"] = 1.0
-
     SyntheticPrior.posterior_logits = tempered
-    trainer_module.Trainer._train_step = step
 
 
 def local_posterior() -> None:
