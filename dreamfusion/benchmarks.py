@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dreamfusion.config import Config, apply_overrides
+from dreamfusion.config import Config, apply_overrides, resolve_device
 from dreamfusion.field import NeRFField
 from dreamfusion.pipeline import compute_metrics
 from dreamfusion.prior.shapes import OBJECTS, find_object
@@ -28,10 +28,11 @@ from dreamfusion.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def _machine() -> dict[str, Any]:
+def _machine(device: torch.device) -> dict[str, Any]:
+    on_gpu = device.type == "cuda"
     return {
         "date": _dt.date.today().isoformat(),
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
         "processor": _stdlib_platform.processor() or _stdlib_platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -43,11 +44,13 @@ def _write(out: Path, name: str, payload: dict[str, Any], table: list[str]) -> N
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     machine = payload["machine"]
+    where = f"{machine['cpu_count']} CPU cores ({machine['processor']})"
+    if machine["device"] != "cpu":
+        where = f"one {machine['device']} GPU beside {where}"
     header = [
         f"# {name} benchmark",
         "",
-        f"Measured {machine['date']} on {machine['cpu_count']} CPU cores ({machine['processor']}), "
-        f"torch {machine['torch']}, by `{payload['command']}`.",
+        f"Measured {machine['date']} on {where}, torch {machine['torch']}, by `{payload['command']}`.",
         "",
     ]
     (out / f"{name}.md").write_text("\n".join(header + table) + "\n")
@@ -55,11 +58,17 @@ def _write(out: Path, name: str, payload: dict[str, Any], table: list[str]) -> N
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
+    def finished() -> None:
+        if torch.cuda.is_initialized():  # kernels run asynchronously: time them, not their launch
+            torch.cuda.synchronize()
+
+    fn()  # warm-up (and Triton's compilation)
+    finished()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
+        finished()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -77,8 +86,9 @@ def speed(out: Path, repeats: int = 7, samples: int = 2**18, overrides: tuple[st
                            ["render.resolution=64", "render.albedo_warmup_fraction=0", *overrides])
     count = f"2^{samples.bit_length() - 1}" if samples & (samples - 1) == 0 else str(samples)
     size = base.render.resolution
-    field = NeRFField(copy.deepcopy(base.field))
-    points = torch.rand(samples, 3) * 1.2 - 0.6
+    device = resolve_device(base.device)
+    field = NeRFField(copy.deepcopy(base.field)).to(device)
+    points = torch.rand(samples, 3, device=device) * 1.2 - 0.6
 
     def field_forward() -> None:
         with torch.no_grad():
@@ -144,7 +154,7 @@ def speed(out: Path, repeats: int = 7, samples: int = 2**18, overrides: tuple[st
                  f"| {autograd_step:.3f} |")
     table.append(f"| ratio autograd/analytic normals (lambertian step) "
                  f"| {autograd_step / results[f'sds_step_{size}px_lambertian_occupancy_on_s']:.2f}x |")
-    payload = {"machine": _machine(), "command": "dreamfusion bench speed", "results": results}
+    payload = {"machine": _machine(device), "command": "dreamfusion bench speed", "results": results}
     _write(out, "speed", payload, table)
     return payload
 
@@ -175,7 +185,8 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
     settings = list(settings or [])
     by_prompt = {o.prompt: o for o in OBJECTS}
     chosen = list(OBJECTS) if prompts is None else [by_prompt[find_object(p).prompt] for p in prompts]
-    _benchmark_config(chosen[0].prompt, settings, iterations)  # a bad setting fails before any run
+    # a bad setting fails before any run
+    device = resolve_device(_benchmark_config(chosen[0].prompt, settings, iterations).device)
     previous = out / "quality.json"
     runs: dict[str, Any] = {}
     if previous.exists():
@@ -196,8 +207,8 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
         eta = f", about {(time.perf_counter() - started) / done * (len(todo) - done) / 60:.0f} min left" if done else ""
         log.info("quality run %d/%d: %s (%s)%s", done + 1, len(todo), prompt, arm.replace("_", " "), eta)
         runs.setdefault(prompt, {})[arm] = _train_and_evaluate(prompt, settings + overrides, iterations)
-        payload = _write_quality(out, runs, iterations, settings, command)
-    return payload or _write_quality(out, runs, iterations, settings, command)
+        payload = _write_quality(out, runs, iterations, settings, command, device)
+    return payload or _write_quality(out, runs, iterations, settings, command, device)
 
 
 def _quality_command(prompts: list[str] | None, ablations: bool, iterations: int | None,
@@ -218,7 +229,7 @@ def _quality_command(prompts: list[str] | None, ablations: bool, iterations: int
 
 
 def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, settings: list[str],
-                   command: str) -> dict[str, Any]:
+                   command: str, device: torch.device) -> dict[str, Any]:
     table = ["| prompt | IoU | PSNR | R-prec colour | R-prec textureless | Janus | front recall | seconds |",
              "|---|---|---|---|---|---|---|---|"]
 
@@ -234,7 +245,7 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
     if ablated:
         table += ["", "Ablations on objects with a front (same seed and settings otherwise):", "", table[0], table[1]]
         table += [row(f"{p} ({arm.replace('_', ' ')})", runs[p][arm]) for p, arm in ablated]
-    payload = {"machine": _machine(), "command": command, "iterations": iterations, "settings": settings,
+    payload = {"machine": _machine(device), "command": command, "iterations": iterations, "settings": settings,
                "runs": runs}
     _write(out, "quality", payload, table)
     return payload
@@ -273,36 +284,28 @@ def _kernel_bytes(case: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _time_kernels(case: dict[str, Any], backend: str, repeats: int, device: torch.device) -> dict[str, float]:
+def _time_kernels(case: dict[str, Any], backend: str, repeats: int) -> dict[str, float]:
     from triton_kernels import composite, hash_encode
 
     encoder, points = case["encoder"], case["points"]
     args = (encoder.resolutions, encoder.level_offsets, encoder.level_sizes, encoder.dense_count)
     sigma, colour, delta, t = case["composite"]
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def encode_forward() -> None:
         with torch.no_grad():
             hash_encode(points, encoder.table, *args, backend=backend)
-        sync()
 
     def encode_forward_backward() -> None:
         hash_encode(points, encoder.table, *args, backend=backend).sum().backward()
-        sync()
 
     def composite_forward() -> None:
         with torch.no_grad():
             composite(sigma, colour, delta, t, backend=backend)
-        sync()
 
     def composite_forward_backward() -> None:
         s, c = sigma.clone().requires_grad_(True), colour.clone().requires_grad_(True)
         _, rgb, opacity, depth = composite(s, c, delta, t, backend=backend)
         (rgb.sum() + opacity.sum() + depth.sum()).backward()
-        sync()
 
     return {
         "hash_encode forward": _median_seconds(encode_forward, repeats),
@@ -339,10 +342,9 @@ def kernels(out: Path, repeats: int = 7) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = _kernel_cases(device)
     backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
-    timings = {backend: _time_kernels(case, backend, repeats, device) for backend in backends}
+    timings = {backend: _time_kernels(case, backend, repeats) for backend in backends}
     moved = _kernel_bytes(case)
-    machine = _machine()
-    machine["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    machine = _machine(device)
     payload: dict[str, Any] = {"machine": machine, "command": "dreamfusion bench kernels", "timings_s": timings,
                                "bytes": moved,
                                "sizes": "hash grid: 2^18 points, 16 levels x 2 features, table 2^19; "

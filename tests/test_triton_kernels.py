@@ -1,4 +1,6 @@
-"""Triton kernels against their PyTorch references, in Triton's interpreter on the CPU.
+"""Triton kernels against their PyTorch references: in Triton's interpreter on the CPU (CI, where
+conftest sets TRITON_INTERPRET=1), compiled on the GPU where CUDA is present and TRITON_INTERPRET=0
+(``infra/gpu_check.sh``).
 
 Tolerances (float32): forward values 1e-5 absolute and relative; gradients 1e-4 relative (atomic
 accumulation order differs from the reference's).
@@ -12,6 +14,7 @@ from dreamfusion.errors import UserInputError
 from dreamfusion.trainer import Trainer
 from tests.conftest import tiny_config
 from triton_kernels import BackendUnavailable, resolve
+from triton_kernels.backend import triton_interpreted
 from triton_kernels.composite import composite_reference, composite_triton
 from triton_kernels.hashgrid import hash_encode_reference, hash_encode_triton
 from triton_kernels.march import (
@@ -23,6 +26,9 @@ from triton_kernels.march import (
 
 pytest.importorskip("triton")
 FORWARD = {"rtol": 1e-5, "atol": 1e-5}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu")
+pytestmark = pytest.mark.skipif(DEVICE.type == "cpu" and not triton_interpreted(),
+                                reason="compiled Triton kernels need CUDA; on the CPU set TRITON_INTERPRET=1")
 
 
 def grad_close(a, b):
@@ -31,7 +37,7 @@ def grad_close(a, b):
 
 
 def layout(levels=6, log2=12, base=4, top=128, features=2):
-    encoder = HashGridEncoding(levels, features, log2, base, top, backend="torch")
+    encoder = HashGridEncoding(levels, features, log2, base, top, backend="torch").to(DEVICE)
     encoder.table.data.normal_()
     return encoder, (encoder.resolutions, encoder.level_offsets, encoder.level_sizes, encoder.dense_count)
 
@@ -43,12 +49,13 @@ def test_hash_encode_matches_reference(count):
     assert 0 < encoder.dense_count < encoder.levels  # dense and hashed levels both covered
     points = torch.rand(count, 3)
     points[: min(count, 4)] = torch.tensor([0.0, 0.25, 1.0])  # cell boundaries, the far corner
+    points = points.to(DEVICE)
     outputs, grads = [], []
     for fn in (hash_encode_reference, hash_encode_triton):
         p = points.clone().requires_grad_(True)
         table = encoder.table.detach().clone().requires_grad_(True)
         out = fn(p, table, *args)
-        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).reshape(out.shape))
         outputs.append(out.detach())
         grads.append((p.grad, table.grad))
     torch.testing.assert_close(outputs[1], outputs[0], **FORWARD)
@@ -59,7 +66,7 @@ def test_hash_encode_matches_reference(count):
 def test_hash_encode_second_derivative_for_normals():
     torch.manual_seed(3)
     encoder, args = layout(levels=3, log2=10)
-    points = torch.rand(40, 3)
+    points = torch.rand(40, 3).to(DEVICE)
     results = []
     for fn in (hash_encode_reference, hash_encode_triton):
         p = points.clone().requires_grad_(True)
@@ -78,7 +85,7 @@ def rays_case(rays=70, samples=33, channels=3):
         sigma[1] = 1e4  # a fully opaque ray: terminates after its first sample
     colour = torch.rand(rays, samples, channels)
     delta = torch.rand(rays, samples) * 0.1
-    return sigma, colour, delta, torch.cumsum(delta, 1)
+    return tuple(x.to(DEVICE) for x in (sigma, colour, delta, torch.cumsum(delta, 1)))
 
 
 @pytest.mark.parametrize("rays, samples, channels", [(70, 33, 3), (1, 5, 3), (65, 8, 1)])
@@ -90,7 +97,7 @@ def test_composite_matches_reference(rays, samples, channels):
         c = colour.clone().requires_grad_(True)
         outs = fn(s, c, delta, t)
         generator = torch.Generator().manual_seed(1)
-        sum((o * torch.randn(o.shape, generator=generator)).sum() for o in outs).backward()
+        sum((o * torch.randn(o.shape, generator=generator).to(DEVICE)).sum() for o in outs).backward()
         results.append(([o.detach() for o in outs], s.grad, c.grad))
     for got, want in zip(results[1][0], results[0][0], strict=True):
         torch.testing.assert_close(got, want, **FORWARD)
@@ -113,7 +120,8 @@ def test_march_and_occupancy_update_match_reference():
     far = near + torch.rand(rays) * 2
     far[:5] = near[:5]  # rays that miss the bounds
     offsets = torch.rand(rays, samples)
-    for occupied in (torch.rand(8, 8, 8) > 0.5, None):
+    origins, directions, near, far, offsets = (x.to(DEVICE) for x in (origins, directions, near, far, offsets))
+    for occupied in ((torch.rand(8, 8, 8) > 0.5).to(DEVICE), None):
         want = march_rays_reference(origins, directions, near, far, offsets, occupied)
         got = march_rays_triton(origins, directions, near, far, offsets, occupied)
         for a, b in zip(got, want, strict=True):
@@ -121,6 +129,7 @@ def test_march_and_occupancy_update_match_reference():
     density = torch.rand(4, 4, 4)
     density[0, 0, 0] = float("inf")
     fresh = torch.rand(4, 4, 4)
+    density, fresh = density.to(DEVICE), fresh.to(DEVICE)
     for a, b in zip(occupancy_update_triton(density, fresh, 0.95, 0.5),
                     occupancy_update_reference(density, fresh, 0.95, 0.5), strict=True):
         torch.testing.assert_close(a, b)
@@ -134,7 +143,8 @@ def test_sds_step_with_triton_backend_matches_torch():
     """
     runs = []
     for backend in ("torch", "triton"):
-        trainer = Trainer(tiny_config(iterations=1, extra=[f"field.backend={backend}", "render.batch_size=1",
+        trainer = Trainer(tiny_config(iterations=1, extra=[f"field.backend={backend}", f"device={DEVICE}",
+                                                           "render.batch_size=1",
                                                            "render.resolution=12", "render.shading_ratios=0,1,0",
                                                            "render.albedo_warmup_fraction=0",
                                                            # progress rows through the interpreted kernels: minutes
@@ -156,11 +166,12 @@ def test_sds_step_with_triton_backend_matches_torch():
 def test_backend_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve("auto", cpu) == "torch"
-    assert resolve("triton", cpu) == "triton"  # allowed under TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve("triton", cpu) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
         resolve("triton", cpu)
     with pytest.raises(UserInputError, match="runs on CUDA tensors"):
-        Trainer(tiny_config(extra=["field.backend=triton"]))
+        Trainer(tiny_config(extra=["field.backend=triton", "device=cpu"]))
     with pytest.raises(BackendUnavailable, match="tiny-cuda-nn"):
         resolve("tcnn", cpu)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one go: the compiled Triton kernels against their references and whole
+# runs on CUDA (tests/test_triton_kernels.py, tests/test_gpu.py), then the kernel, speed and quality
+# benchmarks. Run from the repository root on a CUDA machine:
+#
+#     bash infra/gpu_check.sh [OUT] [SECONDS]
+#
+# Logs and benchmark tables go to OUT (default gpu-check/). The quality benchmark gets whatever is left
+# of SECONDS (default 1800) and writes its table after every run, so a cut-off run still leaves a table.
+# QUALITY_PROMPTS (';'-separated) chooses its prompts; default: all ten, without the ablations.
+set -uo pipefail
+out=${1:-gpu-check}
+budget=${2:-1800}
+mkdir -p "$out"
+# Compiled kernels: tests/conftest.py only sets TRITON_INTERPRET=1 where it is unset.
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, its output in OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most ${limit} s)"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_gpu.py
+step kernels 120 python3 -m dreamfusion.cli bench kernels --out "$out"
+step speed 180 python3 -m dreamfusion.cli bench speed --out "$out"
+left=$((budget - SECONDS))
+if [ "$left" -gt 30 ]; then
+    step quality "$left" python3 -m dreamfusion.cli bench quality --out "$out" --no-ablations \
+        ${QUALITY_PROMPTS:+--prompts "$QUALITY_PROMPTS"}
+else
+    failed+=("quality (no time left of ${budget} s)")
+fi
+if [ "${#failed[@]}" -gt 0 ]; then
+    printf 'failed: %s\n' "${failed[@]}"
+    exit 1
+fi
+echo "all GPU checks passed; results in $out"
