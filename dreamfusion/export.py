@@ -16,7 +16,7 @@ from skimage import measure
 
 from dreamfusion.cameras import CameraBatch, cameras_from_angles
 from dreamfusion.field import RadianceField, density_from_log
-from dreamfusion.renderer import OccupancyGrid, Shading, render_batched
+from dreamfusion.renderer import OccupancyGrid, Shading, module_device, render_batched
 
 
 class NoSurfaceError(ValueError):
@@ -27,7 +27,8 @@ class NoSurfaceError(ValueError):
 def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: float = 10.0,
                  chunk: int = 2**18) -> trimesh.Trimesh:
     """Marching cubes on the density over [-1, 1]^3; vertex colours from the albedo."""
-    axis = torch.linspace(-1.0, 1.0, resolution)
+    device = module_device(field)
+    axis = torch.linspace(-1.0, 1.0, resolution, device=device)
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
     densities = []
     for start in range(0, grid.shape[0], chunk):
@@ -35,7 +36,7 @@ def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: 
         densities.append(density_from_log(log_density))
     volume = torch.cat(densities).reshape(resolution, resolution, resolution)
     outside = grid.norm(dim=-1).reshape(volume.shape) > 1.0
-    volume = torch.where(outside, torch.zeros_like(volume), volume).numpy()
+    volume = torch.where(outside, torch.zeros_like(volume), volume).cpu().numpy()
     if not (volume.max() > density_threshold > volume.min()):
         raise NoSurfaceError(
             f"the density never crosses {density_threshold} (range {volume.min():.3g}..{volume.max():.3g}): "
@@ -44,11 +45,11 @@ def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: 
     vertices, faces, _, _ = measure.marching_cubes(volume, level=density_threshold)
     vertices = vertices / (resolution - 1) * 2.0 - 1.0
     colours = []
-    vertex_tensor = torch.from_numpy(vertices.astype(np.float32))
+    vertex_tensor = torch.from_numpy(vertices.astype(np.float32)).to(device)
     for start in range(0, vertex_tensor.shape[0], chunk):
         _, albedo = field.log_density_and_albedo(vertex_tensor[start : start + chunk])
         colours.append(albedo)
-    rgb = (torch.cat(colours).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    rgb = (torch.cat(colours).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
     rgba = np.concatenate([rgb, np.full((rgb.shape[0], 1), 255, np.uint8)], axis=1)
     # marching_cubes winds faces for a field that grows inwards; flip so normals point outwards.
     return trimesh.Trimesh(vertices=vertices, faces=faces[:, ::-1], vertex_colors=rgba, process=False)

@@ -16,17 +16,18 @@ def march(origins_ptr, directions_ptr, near_ptr, far_ptr, offsets_ptr, grid_ptr,
     offset = tl.load(offsets_ptr + index, mask=live, other=0.0)
     t = near + (far - near) * (step + offset) / samples
     keep = far > near
-    res_f = resolution.to(tl.float32)
     flat = tl.zeros([BLOCK], dtype=tl.int32)
     for axis in tl.static_range(3):
         origin = tl.load(origins_ptr + ray * 3 + axis, mask=live, other=0.0)
         direction = tl.load(directions_ptr + ray * 3 + axis, mask=live, other=0.0)
         point = origin + direction * t
         tl.store(points_ptr + index * 3 + axis, point, mask=live)
-        # (p + 1) / 2 * G truncated toward zero, then clamped: the reference's .long().clamp().
-        cell = ((point + 1.0) * 0.5 * res_f).to(tl.int32)
-        cell = tl.minimum(tl.maximum(cell, 0), resolution - 1)
-        flat = flat * resolution + cell
+        # Only with a grid: without one the compiler makes `resolution` (then 1) a Python int, a constant.
+        if HAS_GRID:
+            # (p + 1) / 2 * G truncated toward zero, then clamped: the reference's .long().clamp().
+            cell = ((point + 1.0) * 0.5 * resolution).to(tl.int32)
+            cell = tl.minimum(tl.maximum(cell, 0), resolution - 1)
+            flat = flat * resolution + cell
     if HAS_GRID:
         occupied = tl.load(grid_ptr + flat, mask=live, other=0)
         keep = keep & (occupied != 0)
