@@ -128,16 +128,23 @@ def speed(out: Path, repeats: int = 7, samples: int = 2**18, overrides: tuple[st
             results[key + "_s"] = _median_seconds(step, repeats)
             results[key + "_sample_fraction"] = statistics.median(fractions)
 
-    batch = base.render.batch_size
+    table = speed_table(results, size, base.render.batch_size, count)
+    payload = {"machine": _machine(device), "command": "dreamfusion bench speed", "results": results}
+    _write(out, "speed", payload, table)
+    return payload
+
+
+def speed_table(results: dict[str, float], size: int, batch: int, count: str) -> list[str]:
+    """The speed benchmark's Markdown table (four significant digits: GPU times are milliseconds)."""
     table = [
         "| measurement | median seconds |",
         "|---|---|",
-        f"| field forward, {count} samples | {results[f'field_forward_{count}_s']:.3f} |",
-        f"| field forward+backward, {count} samples | {results[f'field_forward_backward_{count}_s']:.3f} |",
+        f"| field forward, {count} samples | {results[f'field_forward_{count}_s']:.4g} |",
+        f"| field forward+backward, {count} samples | {results[f'field_forward_backward_{count}_s']:.4g} |",
     ]
     for normals in NORMALS:
         table.append(f"| field forward+backward with {normals} normals, {count} samples "
-                     f"| {results[f'field_normals_{normals}_forward_backward_{count}_s']:.3f} |")
+                     f"| {results[f'field_normals_{normals}_forward_backward_{count}_s']:.4g} |")
     autograd_normals = results[f"field_normals_autograd_forward_backward_{count}_s"]
     table.append(f"| ratio autograd/analytic normals (field) "
                  f"| {autograd_normals / results[f'field_normals_analytic_forward_backward_{count}_s']:.2f}x |")
@@ -146,17 +153,15 @@ def speed(out: Path, repeats: int = 7, samples: int = 2**18, overrides: tuple[st
         off = results[f"sds_step_{size}px_{mode}_occupancy_off_s"]
         fraction = results[f"sds_step_{size}px_{mode}_occupancy_on_sample_fraction"]
         table.append(f"| SDS step, {size}x{size}, batch {batch}, {mode} shading, occupancy on "
-                     f"({fraction:.0%} of samples evaluated) | {on:.3f} |")
-        table.append(f"| SDS step, {size}x{size}, batch {batch}, {mode} shading, occupancy off | {off:.3f} |")
+                     f"({fraction:.0%} of samples evaluated) | {on:.4g} |")
+        table.append(f"| SDS step, {size}x{size}, batch {batch}, {mode} shading, occupancy off | {off:.4g} |")
         table.append(f"| ratio off/on ({mode}) | {off / on:.2f}x |")
     autograd_step = results[f"sds_step_{size}px_lambertian_autograd_normals_occupancy_on_s"]
     table.append(f"| SDS step, {size}x{size}, batch {batch}, lambertian shading, autograd normals, occupancy on "
-                 f"| {autograd_step:.3f} |")
+                 f"| {autograd_step:.4g} |")
     table.append(f"| ratio autograd/analytic normals (lambertian step) "
                  f"| {autograd_step / results[f'sds_step_{size}px_lambertian_occupancy_on_s']:.2f}x |")
-    payload = {"machine": _machine(device), "command": "dreamfusion bench speed", "results": results}
-    _write(out, "speed", payload, table)
-    return payload
+    return table
 
 
 def _benchmark_config(prompt: str, overrides: list[str], iterations: int | None) -> Config:
