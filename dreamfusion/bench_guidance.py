@@ -110,7 +110,7 @@ def guidance(out: Path, steps: int = 3, models: list[str] | None = None) -> list
              "|---|---|---|---|---|---|"]
     table += [f"| {r['model']} | {r['dtype']} | {r['checkpointing']} | {r['autocast']} | "
               f"{r['median_step_seconds']:.2f} | {r[memory]:.2f} ({memory}) |" for r in results]
-    machine = {**_machine(), "device": results[0]["device"] if results else str(device)}
+    machine = _machine(device)
     _write(out, "guidance", {"machine": machine, "command": f"dreamfusion bench guidance --repeats {steps}",
                              "results": results}, table)
     return results

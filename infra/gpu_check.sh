@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go: the compiled Triton kernels against their references and whole
-# runs on CUDA (tests/test_triton_kernels.py, tests/test_gpu.py), then the kernel, speed and quality
-# benchmarks. Run from the repository root on a CUDA machine:
+# runs on CUDA (tests/test_triton_kernels.py, tests/test_gpu.py), then the kernel, speed, guidance
+# (where diffusers is installed) and quality benchmarks. Run from the repository root on a CUDA machine:
 #
 #     bash infra/gpu_check.sh [OUT] [SECONDS]
 #
@@ -29,6 +29,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_gpu.py
 step kernels 120 python3 -m dreamfusion.cli bench kernels --out "$out"
 step speed 180 python3 -m dreamfusion.cli bench speed --out "$out"
+# Full-size Stable Diffusion steps (random weights, nothing downloaded) need diffusers, which a bare
+# CUDA image may lack: carry its wheel (the device README says how) or pip install '.[guidance]'.
+if python3 -c "import diffusers" 2>/dev/null; then
+    step guidance 300 python3 -m dreamfusion.cli bench guidance --out "$out" --repeats 3
+else
+    echo "== guidance skipped: diffusers is not installed" | tee "$out/guidance.log"
+fi
 left=$((budget - SECONDS))
 if [ "$left" -gt 30 ]; then
     step quality "$left" python3 -m dreamfusion.cli bench quality --out "$out" --no-ablations \

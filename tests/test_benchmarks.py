@@ -84,3 +84,25 @@ def test_speed_times_every_case_and_writes_its_table(tmp_path):
     table = (tmp_path / "speed.md").read_text()
     assert "| SDS step, 16x16, batch 2, lambertian shading, occupancy on" in table
     assert "ratio autograd/analytic normals (lambertian step)" in table
+
+
+def test_guidance_benchmark_tables_each_case_with_its_machine(tmp_path, monkeypatch):
+    """The cases' own processes are stood in for: the full-size UNet takes minutes on a CPU."""
+    import subprocess
+
+    from dreamfusion import bench_guidance
+
+    def case_process(command, **kwargs):
+        case = json.loads(command[-1])
+        result = {"model": case["model"], **case["setting"], "median_step_seconds": 1.5, "steps": case["steps"],
+                  "peak_rss_gib": 2.0, "device": "cpu"}
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(result) + "\n", stderr="")
+
+    monkeypatch.setattr(bench_guidance.subprocess, "run", case_process)
+    results = bench_guidance.guidance(tmp_path, steps=2, models=["sd-1.5"])
+    assert [r["checkpointing"] for r in results] == [s["checkpointing"] for s in bench_guidance.settings(
+        bench_guidance.torch.device("cpu"))]
+    saved = json.loads((tmp_path / "guidance.json").read_text())
+    assert saved["machine"]["device"] == "cpu" and saved["command"] == "dreamfusion bench guidance --repeats 2"
+    table = (tmp_path / "guidance.md").read_text()
+    assert "CPU cores" in table and "| sd-1.5 | fp32 |" in table and "1.50 | 2.00 (peak_rss_gib) |" in table
