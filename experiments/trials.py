@@ -117,23 +117,14 @@ def clamp_x0() -> None:
 def frozen_density() -> None:
     _normals_through_patches()
     fraction = _setting("TRIAL_FROZEN_FRACTION", 0.25)
-    frozen = {"now": False}
+    progress = _following_progress()
     log_density_and_albedo = field_module.NeRFField.log_density_and_albedo
-    train_step = trainer_module.Trainer._train_step
 
     def patched(self, points):
         log_density, albedo = log_density_and_albedo(self, points)
-        return (log_density.detach() if frozen["now"] else log_density), albedo
-
-    def step(self):
-        frozen["now"] = self.progress < fraction
-        try:
-            return train_step(self)
-        finally:
-            frozen["now"] = False
+        return (log_density.detach() if progress["now"] < fraction else log_density), albedo
 
     field_module.NeRFField.log_density_and_albedo = patched
-    trainer_module.Trainer._train_step = step
 
 
 def blob_floor() -> None:
