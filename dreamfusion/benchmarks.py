@@ -29,10 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
-    on_gpu = device.type == "cuda"
     return {
         "date": _dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processor": _stdlib_platform.processor() or _stdlib_platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -128,13 +127,13 @@ def speed(out: Path, repeats: int = 7, samples: int = 2**18, overrides: tuple[st
             results[key + "_s"] = _median_seconds(step, repeats)
             results[key + "_sample_fraction"] = statistics.median(fractions)
 
-    table = speed_table(results, size, base.render.batch_size, count)
+    table = _speed_table(results, size, base.render.batch_size, count)
     payload = {"machine": _machine(device), "command": "dreamfusion bench speed", "results": results}
     _write(out, "speed", payload, table)
     return payload
 
 
-def speed_table(results: dict[str, float], size: int, batch: int, count: str) -> list[str]:
+def _speed_table(results: dict[str, float], size: int, batch: int, count: str) -> list[str]:
     """The speed benchmark's Markdown table (four significant digits: GPU times are milliseconds)."""
     table = [
         "| measurement | median seconds |",

@@ -16,19 +16,25 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from dreamfusion.benchmarks import quality
 from dreamfusion.config import Config, apply_overrides
 from dreamfusion.errors import UserInputError
+from dreamfusion.prior.shapes import find_object
 
 IOU_BAR, R_PRECISION_BAR = 0.85, 0.9
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def read_candidates(path: Path) -> dict[str, list[str]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise UserInputError(f"cannot read the candidates file {path} ({exc.strerror})") from None
     candidates: dict[str, list[str]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         words = line.split()
         if not words or words[0].startswith("#"):
             continue
@@ -44,6 +50,14 @@ def read_candidates(path: Path) -> dict[str, list[str]]:
     if not candidates:
         raise UserInputError(f"{path} names no candidate; write one per line: NAME KEY=VALUE ...")
     return candidates
+
+
+def writable_directory(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise UserInputError(f"cannot write to {out} ({exc.strerror}); choose a writable --out") from None
 
 
 def ranking(results: dict[str, dict], candidates: dict[str, list[str]]) -> list[str]:
@@ -73,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         candidates = read_candidates(args.candidates)
         prompts = args.prompts.split(";") if args.prompts else None
+        for prompt in prompts or ():
+            find_object(prompt)  # an unknown prompt fails before any run
+        writable_directory(args.out)
         results: dict[str, dict] = {}
         for index, (name, settings) in enumerate(candidates.items(), 1):
             print(f"candidate {index}/{len(candidates)}: {name} {' '.join(settings)}", flush=True)

@@ -29,6 +29,18 @@ def test_bad_candidates_are_refused_before_any_run(tmp_path, capsys, text, messa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("file, extra, message", [
+    ("candidates.txt", ["--prompts", "a dragon"], "unknown prompt 'a dragon'"),
+    ("candidates.txt", ["--out", "/proc/no-such-dir"], "cannot write to /proc/no-such-dir"),
+    ("missing.txt", [], "cannot read the candidates file"),
+])
+def test_bad_prompts_output_or_file_are_refused_before_any_run(tmp_path, capsys, file, extra, message):
+    (tmp_path / "candidates.txt").write_text("default\n")
+    assert setting_search.main([str(tmp_path / file), "--out", str(tmp_path / "out"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_candidates_are_ranked_by_their_lowest_iou(tmp_path, monkeypatch):
     ious = {"good": {"a red ball": 0.95, "a blue cube": 0.9}, "bad": {"a red ball": 0.97, "a blue cube": 0.5}}
 
