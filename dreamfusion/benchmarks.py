@@ -181,6 +181,18 @@ def _train_and_evaluate(prompt: str, overrides: list[str], iterations: int | Non
     return metrics
 
 
+# The paper's ablations on objects with a front, and what makes the Janus problem appear on this prior:
+# without view conditioning at the default ω = 1 the front is averaged away; mode-seeking guidance
+# (ω = 7.5) duplicates it. arm: (label in the table, overrides).
+ABLATIONS: dict[str, tuple[str, list[str]]] = {
+    "no_view_dependent": ("no view-dependent conditioning", ["sds.view_dependent=false"]),
+    "no_view_dependent_guided": ("no view-dependent conditioning, guidance 7.5",
+                                 ["sds.view_dependent=false", "sds.guidance_scale=7.5"]),
+    "view_labels": ("view labels instead of the camera", ["guidance.prior_conditioning=view_label"]),
+    "no_textureless": ("no textureless shading", ["render.shading_ratios=0.3,0.7,0"]),
+}
+
+
 def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
             iterations: int | None = None, ablation_prompts: list[str] | None = None,
             settings: list[str] | None = None) -> dict[str, Any]:
@@ -195,14 +207,14 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
     runs: dict[str, Any] = {}
     if previous.exists():
         saved = json.loads(previous.read_text())
-        if saved.get("iterations") == iterations and saved.get("settings", []) == settings:
+        same_defaults = saved.get("defaults") == _library_defaults()  # runs of other defaults are not these
+        if same_defaults and saved.get("iterations") == iterations and saved.get("settings", []) == settings:
             runs = saved["runs"]
     plan: list[tuple[str, str, list[str]]] = []
     for obj in chosen:
         plan.append((obj.prompt, "default", []))
         if ablations and obj.has_front and (ablation_prompts is None or obj.prompt in ablation_prompts):
-            plan.append((obj.prompt, "no_view_dependent", ["sds.view_dependent=false"]))
-            plan.append((obj.prompt, "no_textureless", ["render.shading_ratios=0.3,0.7,0"]))
+            plan += [(obj.prompt, arm, overrides) for arm, (_, overrides) in ABLATIONS.items()]
     command = _quality_command(prompts, ablations, iterations, ablation_prompts, settings)
     payload: dict[str, Any] = {}
     todo = [(prompt, arm, overrides) for prompt, arm, overrides in plan if arm not in runs.get(prompt, {})]
@@ -213,6 +225,11 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
         runs.setdefault(prompt, {})[arm] = _train_and_evaluate(prompt, settings + overrides, iterations)
         payload = _write_quality(out, runs, iterations, settings, command, device)
     return payload or _write_quality(out, runs, iterations, settings, command, device)
+
+
+def _library_defaults() -> dict[str, Any]:
+    """The config every run starts from, as stored in JSON."""
+    return json.loads(json.dumps(Config().flat()))
 
 
 def _quality_command(prompts: list[str] | None, ablations: bool, iterations: int | None,
@@ -245,12 +262,12 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
 
     ordered = [o.prompt for o in OBJECTS if o.prompt in runs]
     table += [row(prompt, runs[prompt]["default"]) for prompt in ordered if "default" in runs[prompt]]
-    ablated = [(p, arm) for p in ordered for arm in ("no_view_dependent", "no_textureless") if arm in runs[p]]
+    ablated = [(p, arm) for p in ordered for arm in ABLATIONS if arm in runs[p]]
     if ablated:
         table += ["", "Ablations on objects with a front (same seed and settings otherwise):", "", table[0], table[1]]
-        table += [row(f"{p} ({arm.replace('_', ' ')})", runs[p][arm]) for p, arm in ablated]
+        table += [row(f"{p} ({ABLATIONS[arm][0]})", runs[p][arm]) for p, arm in ablated]
     payload = {"machine": _machine(device), "command": command, "iterations": iterations, "settings": settings,
-               "runs": runs}
+               "defaults": _library_defaults(), "runs": runs}
     _write(out, "quality", payload, table)
     return payload
 

@@ -28,8 +28,11 @@ class FieldConfig:
     hidden_layers: int = 2
     blob_density: float = 5.0
     blob_radius: float = 0.5
-    background: str = "learned"
-    background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # The synthetic prior's photos lie on a uniform backdrop (guidance.prior_backdrop, mid-grey): a learned
+    # background takes the object's colour there (docs/benchmarks/README.md), so its default is that
+    # backdrop, fixed. Real backends default to "learned" (BACKEND_DEFAULTS).
+    background: str = "fixed"
+    background_color: tuple[float, float, float] = (0.5, 0.5, 0.5)
     backend: str = "auto"
     checkpointing: bool = False  # recompute the MLP's activations in the backward pass (less memory)
     # Normals (the density's gradient) for shaded steps: "analytic" carries the derivative forward
@@ -118,7 +121,10 @@ class RenderConfig:
 
 @dataclass
 class SDSConfig:
-    guidance_scale: float = 7.5
+    # 1 (the conditional alone) for the synthetic prior, whose denoiser is the exact conditional: guidance
+    # only extrapolates from one whole photo to another object's. Real backends default to the paper's
+    # 100 (BACKEND_DEFAULTS); DreamFusion's mode-seeking Janus problem appears here at 7.5.
+    guidance_scale: float = 1.0
     t_min: float = 0.02
     t_max: float = 0.98
     t_max_final: float = 0.3
@@ -172,8 +178,8 @@ DEFAULT_MODELS = {"stable-diffusion": "stabilityai/stable-diffusion-2-1-base", "
 # (whose CFG needs it, unlike the synthetic prior's exact denoiser) and 64×64 renders.
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {},
-    "stable-diffusion": {"sds.guidance_scale": 100.0, "render.resolution": 64},
-    "deepfloyd-if": {"sds.guidance_scale": 100.0, "render.resolution": 64},
+    "stable-diffusion": {"sds.guidance_scale": 100.0, "render.resolution": 64, "field.background": "learned"},
+    "deepfloyd-if": {"sds.guidance_scale": 100.0, "render.resolution": 64, "field.background": "learned"},
 }
 
 
@@ -187,12 +193,14 @@ class GuidanceConfig:
     # Grey level behind the synthetic objects in the prior's photos and the ground truth. Mid-grey: on
     # white, a white or cream object barely differs from its backdrop and its opacity is hardly learned.
     prior_backdrop: float = 0.5
-    # What view-dependent conditioning gives the synthetic prior: "view_label" (front/side/back/overhead,
-    # as a text-to-image model gets them in the prompt, as in the paper) or "camera" (the render's camera
-    # direction: each prompt's prior_camera_neighbours photos nearest it, as a camera-conditioned model
-    # such as Zero-1-to-3 or MVDream sees a view).
-    prior_conditioning: str = "view_label"
-    prior_camera_neighbours: int = 1
+    # What view-dependent conditioning gives the synthetic prior: "camera" (the render's camera direction:
+    # each prompt's prior_camera_neighbours photos nearest it, as a camera-conditioned model such as
+    # Zero-1-to-3 or MVDream sees a view) or "view_label" (front/side/back/overhead, as a text-to-image
+    # model gets them in the prompt, as in the paper). Camera by default: a finite photo set under a view
+    # label answers from viewpoints tens of degrees off the render's, and those targets disagree between
+    # steps enough to erase a house's walls (docs/benchmarks/README.md).
+    prior_conditioning: str = "camera"
+    prior_camera_neighbours: int = 2
     # Share of the steps during which the synthetic prior answers with each condition's mean photo (its
     # posterior at infinite noise) instead of its posterior at the sampled t: see SyntheticGuidance.
     prior_mean_warmup_fraction: float = 0.0
@@ -282,6 +290,14 @@ class Config:
         parse_device(self.device)  # syntax only: a sweep's driver may have no GPU while its workers do
         for section in _sections(self):
             getattr(self, section).validate()
+        backdrop = (self.guidance.prior_backdrop,) * 3
+        if self.guidance.backend == "synthetic" and self.field.background == "fixed" and \
+                tuple(self.field.background_color) != backdrop:
+            raise UserInputError(
+                f"field.background_color {','.join(map(str, self.field.background_color))} differs from the"
+                f" synthetic prior's backdrop (guidance.prior_backdrop={self.guidance.prior_backdrop}): set"
+                f" field.background_color={','.join(map(str, backdrop))} or field.background=learned"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

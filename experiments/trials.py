@@ -5,6 +5,10 @@ patch here, so every number there comes from a command anyone can rerun:
 
     python experiments/trials.py clamp-x0 -- run "a house with a red door" --out DIR
 
+Those numbers were measured under the defaults of their sessions, DreamFusion's view labels with
+guidance 7.5 and a learned background; to rerun one as then, add ``--set
+guidance.prior_conditioning=view_label --set sds.guidance_scale=7.5 --set field.background=learned``.
+
 Trials (combine several by separating them with spaces before ``--``; those that patch the density
 take their normals by autograd through the patch, as every run did before the analytic normals):
 

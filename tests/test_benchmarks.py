@@ -25,11 +25,15 @@ def test_quality_writes_after_each_run_and_resumes(tmp_path, monkeypatch, caplog
     monkeypatch.setattr(benchmarks, "_train_and_evaluate", train)
     benchmarks.quality(tmp_path, prompts=["a head with a face", "a red ball"], iterations=5)
     assert calls[0] == ("a head with a face", ())
-    assert ("a head with a face", ("sds.view_dependent=false",)) in calls and len(calls) == 4
+    assert ("a head with a face", ("sds.view_dependent=false",)) in calls
+    assert ("a head with a face", ("sds.view_dependent=false", "sds.guidance_scale=7.5")) in calls
+    assert ("a head with a face", ("guidance.prior_conditioning=view_label",)) in calls and len(calls) == 6
     saved = json.loads((tmp_path / "quality.json").read_text())
-    assert set(saved["runs"]["a head with a face"]) == {"default", "no_view_dependent", "no_textureless"}
+    assert set(saved["runs"]["a head with a face"]) == {
+        "default", "no_view_dependent", "no_view_dependent_guided", "view_labels", "no_textureless"}
     table = (tmp_path / "quality.md").read_text()
-    assert "| a red ball | 0.900 |" in table and "a head with a face (no view dependent)" in table
+    assert "| a red ball | 0.900 |" in table and "a head with a face (no view-dependent conditioning) |" in table
+    assert "a head with a face (no view-dependent conditioning, guidance 7.5) |" in table
 
     calls.clear()
     benchmarks.quality(tmp_path, prompts=["a head with a face", "a red ball", "a blue cube"], iterations=5)
@@ -55,11 +59,23 @@ def test_quality_settings_reach_every_run_and_a_change_of_them_starts_afresh(tmp
 
     calls.clear()
     benchmarks.quality(tmp_path, prompts=["a head with a face"], iterations=5, settings=["optim.lr=0.04"])
-    assert len(calls) == 3  # other settings: nothing is reused
+    assert len(calls) == 5  # other settings: nothing is reused
 
     with pytest.raises(UserInputError, match="unknown config key 'optim.nope'"):
         benchmarks.quality(tmp_path / "bad", prompts=["a red ball"], iterations=5, settings=["optim.nope=1"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_quality_reruns_what_was_measured_under_other_library_defaults(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(benchmarks, "_train_and_evaluate", lambda *args: calls.append(args) or fake_metrics(*args))
+    benchmarks.quality(tmp_path, prompts=["a red ball"], iterations=5)
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["defaults"]["sds.guidance_scale"] == 1.0
+    saved["defaults"]["sds.guidance_scale"] = 7.5  # as if measured before the default changed
+    (tmp_path / "quality.json").write_text(json.dumps(saved))
+    benchmarks.quality(tmp_path, prompts=["a red ball"], iterations=5)
+    assert len(calls) == 2
 
 
 def test_quality_records_every_option_that_shaped_the_table(tmp_path, monkeypatch):

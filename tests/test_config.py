@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from dreamfusion.config import Config, apply_overrides, known_keys
+from dreamfusion.config import Config, apply_backend_defaults, apply_overrides, known_keys
 from dreamfusion.errors import UserInputError
 
 
@@ -49,6 +49,27 @@ def test_bad_values_name_the_problem(override, fragment):
     with pytest.raises(UserInputError) as err:
         apply_overrides(Config(), [override])
     assert fragment in str(err.value)
+
+
+def test_a_fixed_background_on_the_synthetic_prior_must_be_its_backdrop():
+    with pytest.raises(UserInputError, match=r"set field.background_color=0.15,0.15,0.15 or field.background=learned"):
+        apply_overrides(Config(), ["guidance.prior_backdrop=0.15"])
+    dark = apply_overrides(Config(), ["guidance.prior_backdrop=0.15", "field.background_color=0.15,0.15,0.15"])
+    assert dark.field.background_color == (0.15, 0.15, 0.15)
+    assert apply_overrides(Config(), ["guidance.prior_backdrop=0.15", "field.background=learned"])
+
+
+@pytest.mark.parametrize("backend", ["stable-diffusion", "deepfloyd-if"])
+def test_real_backends_default_to_the_papers_guidance_and_a_learned_background(backend):
+    config = Config()
+    config.guidance.backend = backend
+    apply_backend_defaults(config, {"field.background"} if backend == "deepfloyd-if" else set())
+    assert config.sds.guidance_scale == 100.0
+    # a key the user set keeps its value
+    assert config.field.background == ("fixed" if backend == "deepfloyd-if" else "learned")
+    synthetic = Config()
+    assert (synthetic.sds.guidance_scale, synthetic.field.background) == (1.0, "fixed")
+    assert synthetic.guidance.prior_conditioning == "camera"
 
 
 def test_unknown_key_lists_known_keys():

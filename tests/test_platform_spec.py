@@ -44,7 +44,7 @@ def test_quickstart_and_shipped_specs_parse():
         assert parsed.prompts and parsed.name
     quick = load_spec(REPO / "experiments" / "quickstart.yaml")
     assert len(quick.prompts) >= 4
-    assert [d.values for d in quick.space if d.key == "sds.guidance_scale"][0] == (7.5, 20)
+    assert [d.values for d in quick.space if d.key == "sds.guidance_scale"][0] == (1, 7.5)
 
 
 def test_trial_config_combines_base_overrides_and_parameters(tmp_path):

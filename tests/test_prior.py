@@ -172,7 +172,8 @@ def test_mean_warmup_answers_with_each_conditions_mean_photo_whatever_the_render
     from dreamfusion.config import Config, apply_overrides
     from dreamfusion.guidance.synthetic import SyntheticGuidance
 
-    config = apply_overrides(Config(prompt="a house with a red door"), ["guidance.prior_mean_warmup_fraction=0.25"])
+    config = apply_overrides(Config(prompt="a house with a red door"),
+                             ["guidance.prior_mean_warmup_fraction=0.25", "guidance.prior_conditioning=view_label"])
     guidance = SyntheticGuidance(config, prior=prior)
     colour = ~prior.textureless
     views = views_of(["front", "back"], [0.0, 180.0], [10.0, 10.0])
