@@ -150,7 +150,8 @@ def test_camera_conditioned_guidance_denoises_to_the_photo_from_the_nearest_came
     from dreamfusion.config import Config, apply_overrides
     from dreamfusion.guidance.synthetic import SyntheticGuidance
 
-    config = apply_overrides(Config(prompt="a purple donut"), ["guidance.prior_conditioning=camera"])
+    config = apply_overrides(Config(prompt="a purple donut"),
+                             ["guidance.prior_conditioning=camera", "guidance.prior_camera_neighbours=1"])
     guidance = SyntheticGuidance(config, prior=prior)
     data = load_or_build_images(SPEC)
     colour = ~prior.textureless
