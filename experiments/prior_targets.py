@@ -5,7 +5,8 @@
 trains the prompt with the usual ``Trainer`` and, at each of ``--steps``, renders four fixed cameras
 (front low, front high, side, back) with albedo shading, noises each render at t = 0.3, 0.5, 0.7, 0.9
 and writes one row per (step, t): for each camera the render, the conditional x0 (prompt and view
-condition: the camera, or the view label), the unconditional x0 and the classifier-free-guided x0 that the SDS gradient pulls towards.
+condition: the camera, or the view label), the unconditional x0 and the classifier-free-guided x0
+that the SDS gradient pulls towards.
 It prints the guided x0's range per row: values far outside [-1, 1] are targets no image can meet.
 """
 
