@@ -1,10 +1,11 @@
 """Candidate settings over synthetic prompts: one quality table each, then a ranking.
 
-    python experiments/setting_search.py CANDIDATES --out DIR [--prompts 'a;b'] [--iters N]
+    python experiments/setting_search.py CANDIDATES --out DIR [--prompts 'a;b'] [--iters N] [--set KEY=VALUE ...]
 
 CANDIDATES holds one candidate per line: a name, then its settings as ``dreamfusion run --set`` takes
 them (``lr-0.01 optim.lr=0.01``; ``default`` with no settings is the baseline). Blank lines and lines
-starting with ``#`` are skipped. Each candidate's table is the quality benchmark's, in DIR/NAME/
+starting with ``#`` are skipped. ``--set`` settings come before every candidate's own (a common base,
+such as the defaults of another day). Each candidate's table is the quality benchmark's, in DIR/NAME/
 (resumable: a candidate already run keeps its runs); DIR/search.md ranks the candidates by their
 lowest IoU and says which meet issue 2's bar (every prompt IoU >= 0.85 and colour R-precision >= 0.9).
 On a GPU a 300-step run takes seconds, so a search that would take hours on the CPU fits in minutes;
@@ -28,7 +29,8 @@ IOU_BAR, R_PRECISION_BAR = 0.85, 0.9
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def read_candidates(path: Path) -> dict[str, list[str]]:
+def read_candidates(path: Path, base: list[str]) -> dict[str, list[str]]:
+    """Each candidate's own settings, checked with the ``base`` settings before them."""
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
@@ -43,7 +45,7 @@ def read_candidates(path: Path) -> dict[str, list[str]]:
             raise UserInputError(f"{path}:{number}: '{name}' is not a new candidate name "
                                  "(letters, digits, '.', '_', '-'; each name once)")
         try:
-            apply_overrides(Config(), settings)
+            apply_overrides(Config(), base + settings)
         except UserInputError as exc:
             raise UserInputError(f"{path}:{number}: {exc}") from None
         candidates[name] = settings
@@ -83,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--prompts", help="';'-separated prompts (default: all synthetic prompts)")
     parser.add_argument("--iters", type=int, help="iterations per run (default: each candidate's setting)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for every candidate, before its own (repeatable)")
     args = parser.parse_args(argv)
     try:
-        candidates = read_candidates(args.candidates)
+        try:
+            apply_overrides(Config(), args.set)
+        except UserInputError as exc:
+            raise UserInputError(f"--set: {exc}") from None
+        candidates = read_candidates(args.candidates, args.set)
         prompts = args.prompts.split(";") if args.prompts else None
         for prompt in prompts or ():
             find_object(prompt)  # an unknown prompt fails before any run
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         for index, (name, settings) in enumerate(candidates.items(), 1):
             print(f"candidate {index}/{len(candidates)}: {name} {' '.join(settings)}", flush=True)
             results[name] = quality(args.out / name, prompts=prompts, ablations=False, iterations=args.iters,
-                                    settings=settings)["runs"]
+                                    settings=args.set + settings)["runs"]
             table = ranking(results, candidates)
             (args.out / "search.md").write_text("\n".join(table) + "\n")
             print("\n".join(table), flush=True)

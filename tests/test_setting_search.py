@@ -58,6 +58,33 @@ def test_candidates_are_ranked_by_their_lowest_iou(tmp_path, monkeypatch):
     assert rows[1].startswith("| bad |") and rows[1].endswith("| no |")
 
 
+def test_base_settings_come_before_every_candidates_own_and_are_checked_first(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def quality(out, prompts, ablations, iterations, settings):
+        seen[out.name] = settings
+        return {"runs": {"a red ball": {"default": {"silhouette_iou": 0.9, "r_precision_colour": 1.0,
+                                                    "wall_seconds": 3.0}}}}
+
+    monkeypatch.setattr(setting_search, "quality", quality)
+    candidates = tmp_path / "candidates.txt"
+    candidates.write_text("default\nlr optim.lr=0.01\n")
+    base = ["--set", "sds.guidance_scale=7.5", "--set", "field.background=learned"]
+    assert setting_search.main([str(candidates), "--out", str(tmp_path / "out"), *base]) == 0
+    assert seen == {"default": ["sds.guidance_scale=7.5", "field.background=learned"],
+                    "lr": ["sds.guidance_scale=7.5", "field.background=learned", "optim.lr=0.01"]}
+    assert "| lr | `optim.lr=0.01` |" in (tmp_path / "out" / "search.md").read_text()
+
+    assert setting_search.main([str(candidates), "--out", str(tmp_path / "bad"), "--set", "optim.nope=1"]) == 2
+    assert "--set: unknown config key 'optim.nope'" in capsys.readouterr().err
+    # a candidate is checked with the base before it: this base makes the backdrop dark
+    candidates.write_text("grey field.background=fixed\n")
+    assert setting_search.main([str(candidates), "--out", str(tmp_path / "bad"), "--set",
+                                "guidance.prior_backdrop=0.15", "--set", "field.background=learned"]) == 2
+    assert "candidates.txt:1: field.background_color 0.5,0.5,0.5 differs" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_a_real_candidate_writes_its_quality_table(tmp_path):
     candidates = tmp_path / "candidates.txt"
