@@ -263,6 +263,23 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    # CLIP as the judge of any run (DreamFusion's Table 1): a local folder or a hub id; empty: off.
+    clip_model: str = ""
+    clip_views: int = 8  # evenly spaced azimuths of the CLIP renders
+    clip_elevation: float = 15.0  # degrees; the turntable's and the previews' elevation
+    # Distractor prompts for CLIP R-precision (a text file, one prompt per line), beside a sweep's prompts.
+    clip_prompt_set: str = ""
+
+    def validate(self) -> None:
+        _in_range(self, "clip_views", 1, 64)
+        _in_range(self, "clip_elevation", -89.0, 89.0)
+        if self.clip_prompt_set.strip() and not self.clip_model.strip():
+            raise UserInputError("eval.clip_prompt_set needs a CLIP model to rank with: set eval.clip_model too "
+                                 "(a local folder or a hub id such as openai/clip-vit-base-patch32)")
+
+
+@dataclass
 class Config:
     prompt: str = "a red ball"
     iterations: int = 300
@@ -275,6 +292,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
         if not self.prompt.strip():
@@ -477,6 +495,7 @@ _SECTION_NAMES = {
     OptimConfig: "optim.",
     GuidanceConfig: "guidance.",
     ExportConfig: "export.",
+    EvalConfig: "eval.",
 }
 
 

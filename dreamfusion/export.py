@@ -88,7 +88,7 @@ def write_videos(frames: np.ndarray, directory: Path, fps: int, stem: str = "tur
     return {"video_webm": webm, "video_gif": gif}
 
 
-def _orbit_cameras(azimuth: torch.Tensor, elevation: torch.Tensor) -> CameraBatch:
+def orbit_cameras(azimuth: torch.Tensor, elevation: torch.Tensor) -> CameraBatch:
     """The export views: 2.2 from the origin, 45° field of view."""
     count = azimuth.shape[0]
     return cameras_from_angles(azimuth, elevation, torch.full((count,), 2.2), torch.full((count,), 45.0))
@@ -109,7 +109,7 @@ def render_previews(field: RadianceField, shading_for, views: int = 4, resolutio
     ``shading_for(mode)`` builds the run's shading for a mode, so previews match what training saw.
     """
     azimuth = torch.arange(views) * (360.0 / views)
-    cameras = _orbit_cameras(azimuth, torch.full((views,), 15.0))
+    cameras = orbit_cameras(azimuth, torch.full((views,), 15.0))
 
     def row(images: torch.Tensor) -> np.ndarray:
         return image_strip(images).numpy()
@@ -130,14 +130,15 @@ PROGRESS_ELEVATIONS = (10.0, 10.0, 10.0, 50.0)
 
 @torch.no_grad()
 def render_progress_row(field: RadianceField, shading: Shading, resolution: int,
-                        occupancy: OccupancyGrid | None = None) -> torch.Tensor:
-    """One row of ``progress.png`` (``[H, 2*views*W, 3]`` uint8): the views in ``shading``, then their opacity.
+                        occupancy: OccupancyGrid | None = None, with_opacity: bool = True) -> torch.Tensor:
+    """One row of ``progress.png`` (``[H, 2*views*W, 3]`` uint8): the views in ``shading``, then their opacity
+    (``with_opacity``; without it, ``[H, views*W, 3]``: the strip a sweep logs at each report).
 
     Rendered without a generator, so recording it never changes the training's random stream.
     """
-    cameras = _orbit_cameras(torch.tensor(PROGRESS_AZIMUTHS), torch.tensor(PROGRESS_ELEVATIONS))
+    cameras = orbit_cameras(torch.tensor(PROGRESS_AZIMUTHS), torch.tensor(PROGRESS_ELEVATIONS))
     out = render_batched(field, cameras, resolution, 64, shading, occupancy)
-    return image_strip(torch.cat([out.rgb, out.opacity.expand(-1, 3, -1, -1)]))
+    return image_strip(torch.cat([out.rgb, out.opacity.expand(-1, 3, -1, -1)]) if with_opacity else out.rgb)
 
 
 def write_progress(rows: list[tuple[int, torch.Tensor]], path: Path) -> Path:

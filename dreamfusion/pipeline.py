@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dreamfusion.config import Config
+from dreamfusion.clip_eval import ClipJudge, ranking_prompts
+from dreamfusion.config import Config, resolve_device
 from dreamfusion.errors import UserInputError
 from dreamfusion.export import (
     NoSurfaceError,
@@ -30,6 +31,8 @@ from dreamfusion.export import (
     write_viewer,
 )
 from dreamfusion.guidance.synthetic import SyntheticGuidance
+from dreamfusion.prior.synthetic import default_cache_dir
+from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion.trainer import Trainer, TrainerCallback, read_checkpoint
 
 SUMMARY = "summary.json"
@@ -89,16 +92,50 @@ def export_artifacts(trainer: Trainer, directory: Path) -> tuple[dict[str, Path]
     return paths, warnings
 
 
-def compute_metrics(trainer: Trainer) -> dict[str, float]:
-    """The synthetic prior's metrics where the prompt is one of its objects; none otherwise."""
+def compute_metrics(trainer: Trainer, judge: ClipJudge | None = None, rank_prompts: list[str] | None = None
+                    ) -> dict[str, float]:
+    """The synthetic prior's metrics where the prompt is one of its objects; with a CLIP ``judge``, the CLIP
+    scores too, and R-precision among ``rank_prompts`` (the run's own prompt among them)."""
+    metrics: dict[str, float] = {}
     guidance = trainer.guidance
-    if not isinstance(guidance, SyntheticGuidance):
-        return {}
-    from dreamfusion.evaluate import evaluate_field
+    if isinstance(guidance, SyntheticGuidance):
+        from dreamfusion.evaluate import evaluate_field
 
-    export = trainer.config.export
-    return evaluate_field(trainer.field, trainer.config.prompt, guidance.prior, trainer.occupancy,
-                          export.eval_resolution, export.eval_samples_per_ray)
+        export = trainer.config.export
+        metrics.update(evaluate_field(trainer.field, trainer.config.prompt, guidance.prior, trainer.occupancy,
+                                      export.eval_resolution, export.eval_samples_per_ray))
+    if judge is not None:
+        metrics.update(judge.judge(trainer, rank_prompts))
+    return metrics
+
+
+def make_judge(config: Config, device, text_cache: TextEmbeddingCache | None = None) -> ClipJudge | None:
+    """The run's CLIP judge when ``eval.clip_model`` is set (loaded now: a bad model fails before training)."""
+    if not config.eval.clip_model.strip():
+        return None
+    return ClipJudge.from_config(config, device, text_cache or TextEmbeddingCache(default_cache_dir()))
+
+
+def warm_text_cache(config: Config, prompts: list[str], rank_prompts: list[str], cache: TextEmbeddingCache,
+                    device) -> int:
+    """Compute, once, every text embedding the runs of ``prompts`` will ask for: the guidance model's per-view
+    embeddings (Stable Diffusion, DeepFloyd IF) and CLIP's features of ``rank_prompts``. Checks that the CLIP
+    model loads. Returns how many texts were asked for."""
+    texts = 0
+    if config.eval.clip_model.strip():
+        from dreamfusion.clip_eval import check_clip_model, clip_text_features
+
+        check_clip_model(config.eval.clip_model)
+        clip_text_features(config.eval.clip_model, rank_prompts, device, cache)
+        texts += len(rank_prompts)
+    if config.guidance.backend != "synthetic":
+        from dreamfusion.guidance.diffusion import DeepFloydIFGuidance, StableDiffusionGuidance, prompt_texts
+
+        backend = StableDiffusionGuidance if config.guidance.backend == "stable-diffusion" else DeepFloydIFGuidance
+        guidance_texts = list(dict.fromkeys(t for prompt in prompts for t in prompt_texts(prompt).values()))
+        backend.embed_texts(config.guidance.model, guidance_texts, device, cache)
+        texts += len(guidance_texts)
+    return texts
 
 
 def run_prompt(
@@ -110,13 +147,19 @@ def run_prompt(
     out = prepare_output_dir(out)
     config.validate()
     started = time.perf_counter()
-    trainer = Trainer(config, callbacks=callbacks, cache_dir=cache_dir)
+    # The prompt set and the CLIP model are checked before any training.
+    rank_prompts = ranking_prompts(config.prompt, [], config.eval.clip_prompt_set) if config.eval.clip_model else None
+    text_cache = TextEmbeddingCache(cache_dir or default_cache_dir())
+    judge = make_judge(config, resolve_device(config.device), text_cache)
+    trainer = Trainer(config, callbacks=callbacks, cache_dir=cache_dir, text_cache=text_cache)
     trainer.train()
-    return finish_run(trainer, out, time.perf_counter() - started)
+    return finish_run(trainer, out, time.perf_counter() - started, judge, rank_prompts)
 
 
-def finish_run(trainer: Trainer, out: Path, wall_seconds: float) -> dict[str, Any]:
-    """Checkpoint, export and evaluate a trained ``trainer`` into ``out``; returns the summary.
+def finish_run(trainer: Trainer, out: Path, wall_seconds: float, judge: ClipJudge | None = None,
+               rank_prompts: list[str] | None = None) -> dict[str, Any]:
+    """Checkpoint, export and evaluate a trained ``trainer`` into ``out`` (CLIP metrics with a ``judge``, see
+    ``compute_metrics``); returns the summary.
 
     Everything goes to a staging folder first; ``summary.json`` is moved in last, so its presence
     marks a finished run and a failure leaves ``out`` as it was.
@@ -131,7 +174,7 @@ def finish_run(trainer: Trainer, out: Path, wall_seconds: float) -> dict[str, An
         trainer.save_checkpoint(staging / CHECKPOINT)
         paths, warnings = export_artifacts(trainer, staging)
         paths["checkpoint"] = staging / CHECKPOINT
-        metrics = compute_metrics(trainer)
+        metrics = compute_metrics(trainer, judge, rank_prompts)
         summary = {
             "prompt": trainer.config.prompt,
             "config": trainer.config.to_dict(),
@@ -173,16 +216,19 @@ def load_run(directory: Path, cache_dir: Path | None = None) -> tuple[Trainer, d
 
 def evaluate_run(directory: Path, cache_dir: Path | None = None, clip_model: str | None = None,
                  prompt_set: Path | None = None) -> dict[str, float]:
-    """Recompute a finished run's metrics from its checkpoint and update its summary; with a CLIP
-    model and a prompt set, add CLIP R-precision."""
-    if clip_model and not prompt_set:
-        raise UserInputError("--clip needs --prompt-set FILE: the prompts (one per line) to rank the run's among")
+    """Recompute a finished run's metrics from its checkpoint and update its summary. CLIP metrics with
+    ``clip_model`` (or the run's own ``eval.clip_model``); R-precision among ``prompt_set`` (or the run's
+    ``eval.clip_prompt_set``)."""
     trainer, summary = load_run(directory, cache_dir)
-    metrics = compute_metrics(trainer)
+    config = trainer.config
     if clip_model:
-        from dreamfusion.clip_eval import clip_r_precision, read_prompt_set
-
-        metrics.update(clip_r_precision(trainer, read_prompt_set(prompt_set, trainer.config.prompt), clip_model))
+        config.eval.clip_model = clip_model
+    if prompt_set:
+        config.eval.clip_prompt_set = str(prompt_set)
+    config.eval.validate()
+    rank_prompts = ranking_prompts(config.prompt, [], config.eval.clip_prompt_set) if config.eval.clip_model else None
+    judge = make_judge(config, trainer.device, TextEmbeddingCache(cache_dir or default_cache_dir()))
+    metrics = compute_metrics(trainer, judge, rank_prompts)
     summary["metrics"] = metrics
     tmp = Path(directory) / (SUMMARY + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2))

@@ -26,6 +26,7 @@ from dreamfusion.guidance import Guidance, make_guidance
 from dreamfusion.memory import out_of_memory_message
 from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, Shading, render
 from dreamfusion.sds import sds_loss
+from dreamfusion.text_cache import TextEmbeddingCache
 from triton_kernels import BackendUnavailable
 from triton_kernels import resolve as resolve_backend
 
@@ -54,6 +55,7 @@ class Trainer:
         guidance: Guidance | None = None,
         callbacks: Sequence[TrainerCallback] = (),
         cache_dir: Path | None = None,
+        text_cache: TextEmbeddingCache | None = None,
     ) -> None:
         self.config = config.validate()
         self.device = resolve_device(config.device)
@@ -66,7 +68,7 @@ class Trainer:
         # Parameter initialisation draws from the global RNG; seed it so a run is a function of its seed.
         torch.manual_seed(config.seed)
         self.field = NeRFField(config.field).to(self.device)
-        self.guidance = (guidance or make_guidance(config, cache_dir)).to(self.device)
+        self.guidance = (guidance or make_guidance(config, cache_dir, text_cache)).to(self.device)
         self.occupancy = (
             OccupancyGrid(config.render.occupancy_resolution, config.render.occupancy_threshold).to(self.device)
             if config.render.occupancy_grid

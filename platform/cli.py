@@ -11,6 +11,7 @@ from dreamfusion import cli as library_cli
 from dreamfusion.errors import UserInputError
 
 DEFAULT_WORKSPACE = "dreamfusion-workspace"
+UI_BASE = "http://127.0.0.1:5000"  # where `dreamfusion ui` serves by default
 
 
 def _require_platform_packages() -> None:
@@ -25,21 +26,25 @@ def _require_platform_packages() -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     _require_platform_packages()
     from dreamfusion_platform.spec import load_spec
-    from dreamfusion_platform.sweep import format_table, run_sweep
+    from dreamfusion_platform.sweep import dashboard_links, format_table, run_sweep
 
     table = run_sweep(Path(args.spec), Path(args.workspace), resume=args.resume, address=args.address,
                       tracking_uri=args.tracking_uri)
     print(format_table(table))
+    name = load_spec(Path(args.spec)).name
     workspace = "" if args.workspace == DEFAULT_WORKSPACE else f" --workspace {args.workspace}"
-    where = f"--tracking-uri {args.tracking_uri}" if args.tracking_uri else f"dreamfusion ui{workspace}"
-    results = Path(args.workspace) / "sweeps" / load_spec(Path(args.spec)).name / "results.parquet"
-    print(f"\nresults: {results}; browse with: {where}")
+    base = args.tracking_uri if args.tracking_uri and args.tracking_uri.startswith("http") else UI_BASE
+    link = dict(dashboard_links(Path(args.workspace), base)).get(name, base)
+    results = Path(args.workspace) / "sweeps" / name / "results.parquet"
+    where = "on the tracking server" if args.tracking_uri else f"after `dreamfusion ui{workspace}`"
+    print(f"\nresults: {results}\ndashboard ({where}): {link}")
     failed = int((table["status"] == "FAILED").sum())
     return 1 if failed else 0
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     _require_platform_packages()
+    from dreamfusion_platform.sweep import dashboard_links
     from dreamfusion_platform.tracking import TrackingServer
 
     store = Path(args.workspace) / "mlflow"
@@ -50,6 +55,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with server:
         print(f"MLflow dashboard on {server.uri} (Ctrl-C stops it)", flush=True)
+        for name, link in dashboard_links(Path(args.workspace), server.uri):
+            print(f"  sweep {name}: {link}", flush=True)
         try:
             server.process.wait()
         except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from dreamfusion.clip_eval import CLIP_METRICS, CLIP_SCORES, ranking_prompts, read_prompt_set
 from dreamfusion.config import MAX_PROMPT_CHARS, Config, apply_backend_defaults, flatten_keys, known_keys, set_value
 from dreamfusion.errors import UserInputError
 
@@ -26,6 +27,9 @@ TRAINING_METRICS = ("loss", "sds_loss", "opacity_mean", "sds_gradient_norm")
 # scheduler or searcher needs them.
 EVAL_METRICS = ("silhouette_iou", "psnr", "r_precision_colour", "r_precision_textureless",
                 "janus_rate", "front_recall")
+# CLIP's judgement, on any backend with eval.clip_model: the scores at the end of each trial and at every
+# report when a scheduler or searcher needs them; R-precision among the sweep's prompts at the end only.
+RESULT_METRICS = EVAL_METRICS + CLIP_METRICS
 RESERVED_KEYS = ("prompt", "seed")  # set by the sweep's own fields, one trial per value
 TOP_LEVEL = {
     "name": "a sweep name (letters, digits, '-', '_', '.'), e.g. name: quickstart",
@@ -99,10 +103,24 @@ class SweepSpec:
         return config.validate()
 
     @property
+    def clip_model(self) -> str:
+        return str(self.config.get("eval.clip_model", "")).strip()
+
+    def rank_prompts(self, prompt: str) -> list[str]:
+        """What CLIP R-precision ranks a trial's prompt among: the sweep's prompts and the distractors."""
+        return ranking_prompts(prompt, self.prompts, str(self.config.get("eval.clip_prompt_set", "")))
+
+    def _metrics_each_report(self) -> set[str]:
+        return {self.scheduler_metric if self.scheduler == "asha" else "",
+                self.metric if self.algorithm == "optuna" else ""}
+
+    @property
     def needs_eval_each_report(self) -> bool:
-        metrics = {self.scheduler_metric if self.scheduler == "asha" else None,
-                   self.metric if self.algorithm == "optuna" else None}
-        return bool(metrics & set(EVAL_METRICS))
+        return bool(self._metrics_each_report() & set(EVAL_METRICS))
+
+    @property
+    def needs_clip_each_report(self) -> bool:
+        return bool(self._metrics_each_report() & set(CLIP_SCORES))
 
 
 def _fail(where: str, problem: str, fix: str) -> UserInputError:
@@ -154,6 +172,7 @@ def parse_spec(data: Any, base_dir: Path, where: str = "sweep spec") -> SweepSpe
     spec.seeds = _seeds(data.get("seeds", [0]), where)
     _parse_resources(spec, data.get("resources", {}), where)
     spec.config = _base_config(data.get("config", {}), data.get("overrides", []), where)
+    _resolve_prompt_set(spec, base_dir, where)
     spec.prompts = _prompts(data["prompts"], base_dir, spec.guidance, where)
     _parse_search(spec, data.get("search", {}), where)
     _parse_scheduler(spec, data.get("scheduler", "fifo"), where)
@@ -281,6 +300,20 @@ def _clean_prompt(prompt: Any, where: str, guidance: str) -> str:
     return text
 
 
+def _resolve_prompt_set(spec: SweepSpec, base_dir: Path, where: str) -> None:
+    """``eval.clip_prompt_set`` is relative to the spec, read now (a bad file fails before any trial), and
+    handed to the trials as an absolute path."""
+    value = str(spec.config.get("eval.clip_prompt_set", "")).strip()
+    if not value:
+        return
+    path = (base_dir / value).resolve()
+    try:
+        read_prompt_set(path)
+    except UserInputError as exc:
+        raise UserInputError(f"{where}: {exc}") from None
+    spec.config["eval.clip_prompt_set"] = str(path)
+
+
 def read_prompt_file(path: Path, column: str = "prompt") -> list[Any]:
     """Prompts from .txt (one per line, '#' comments), .csv, .jsonl or .parquet (read with pyarrow)."""
     if not path.is_file():
@@ -328,8 +361,8 @@ def _parse_search(spec: SweepSpec, value: Any, where: str) -> None:
     spec.algorithm = str(value.get("algorithm", "grid"))
     if spec.algorithm not in ALGORITHMS:
         raise _fail(where, f"search.algorithm '{spec.algorithm}' is unknown", f"use one of {', '.join(ALGORITHMS)}")
-    default_metric = "silhouette_iou" if spec.guidance == "synthetic" else "loss"
-    spec.metric, spec.mode = _metric(value, "search", default_metric, spec.guidance, where)
+    default_metric = "silhouette_iou" if spec.guidance == "synthetic" else "clip_score" if spec.clip_model else "loss"
+    spec.metric, spec.mode = _metric(value, "search", default_metric, spec, where)
     space = value.get("space", {})
     if not isinstance(space, dict):
         raise _fail(where, "search.space must be a mapping of config keys", "e.g. space: {optim.lr: {loguniform: "
@@ -346,14 +379,21 @@ def _parse_search(spec: SweepSpec, value: Any, where: str) -> None:
                     "use grid/choice values, or algorithm: random or optuna")
 
 
-def _metric(value: dict[str, Any], section: str, default: str, guidance: str, where: str) -> tuple[str, str]:
+def _metric(value: dict[str, Any], section: str, default: str, spec: SweepSpec, where: str) -> tuple[str, str]:
     metric = str(value.get("metric", default))
-    known = TRAINING_METRICS + EVAL_METRICS
+    known = TRAINING_METRICS + EVAL_METRICS + CLIP_SCORES
+    if metric in CLIP_METRICS and metric not in CLIP_SCORES:
+        raise _fail(where, f"{section}.metric '{metric}' is computed once, at the end of the sweep",
+                    "search on clip_score (or clip_score_textureless); R-precision is in the results table")
     if metric not in known:
         raise _fail(where, f"{section}.metric '{metric}' is unknown", f"use one of {', '.join(known)}")
-    if metric in EVAL_METRICS and guidance != "synthetic":
+    if metric in EVAL_METRICS and spec.guidance != "synthetic":
         raise _fail(where, f"{section}.metric '{metric}' needs the synthetic prior's ground truth",
-                    f"with guidance {guidance}, use one of {', '.join(TRAINING_METRICS)}")
+                    f"with guidance {spec.guidance}, use clip_score (with eval.clip_model) or one of "
+                    f"{', '.join(TRAINING_METRICS)}")
+    if metric in CLIP_SCORES and not spec.clip_model:
+        raise _fail(where, f"{section}.metric '{metric}' needs a CLIP model to judge with",
+                    "set config: {eval.clip_model: PATH_OR_HUB_ID}, e.g. openai/clip-vit-base-patch32")
     mode = str(value.get("mode", "min" if metric in ("loss", "sds_loss", "janus_rate") else "max"))
     if mode not in ("min", "max"):
         raise _fail(where, f"{section}.mode '{mode}' is unknown", "use max or min")
@@ -415,7 +455,7 @@ def _parse_scheduler(spec: SweepSpec, value: Any, where: str) -> None:
     if spec.scheduler not in SCHEDULERS:
         raise _fail(where, f"scheduler.type '{spec.scheduler}' is unknown", f"use one of {', '.join(SCHEDULERS)}")
     spec.scheduler_metric, spec.scheduler_mode = _metric(value, "scheduler", spec.metric if spec.metric in
-                                                         TRAINING_METRICS else "loss", spec.guidance, where)
+                                                         TRAINING_METRICS else "loss", spec, where)
     reports = math.ceil(spec.iterations / spec.report_every)
     spec.grace_period = _integer(value, "grace_period", where, 1, low=1) if "grace_period" in value else 1
     spec.reduction_factor = _integer(value, "reduction_factor", where, 2, low=2) if "reduction_factor" in value else 2

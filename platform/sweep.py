@@ -4,7 +4,8 @@ Workspace layout (``--workspace``)::
 
     mlflow/        mlflow.db (sqlite store), artifacts/, server.log
     ray/NAME/      Ray Tune's experiment state and trial checkpoints (storage_path)
-    sweeps/NAME/   sweep.json (parent run, experiment), spec.yaml, results.parquet
+    sweeps/NAME/   sweep.json (parent run, experiment, dashboard view), spec.yaml, results.parquet
+    cache/         text embeddings (guidance and CLIP), computed once by the driver, read by every trial
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from dreamfusion.errors import UserInputError
+from dreamfusion.pipeline import warm_text_cache
+from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion_platform import tracking
-from dreamfusion_platform.spec import EVAL_METRICS, TRAINING_METRICS, Dimension, SweepSpec, load_spec
+from dreamfusion_platform.spec import RESULT_METRICS, TRAINING_METRICS, Dimension, SweepSpec, load_spec
 from dreamfusion_platform.trial import TrialContext, run_trial
 
 log = logging.getLogger(__name__)
 
 STATE = "sweep.json"
+CLIP_SHOWN = ("clip_score", "clip_r_precision", "clip_r_precision_textureless")
 RESULTS = "results.parquet"
 
 
@@ -45,6 +49,7 @@ class Workspace:
         self.mlflow = self.root / "mlflow"
         self.ray = self.root / "ray"
         self.sweep = self.root / "sweeps" / sweep
+        self.cache = self.root / "cache"
         self.state = self.sweep / STATE
         self.results = self.sweep / RESULTS
 
@@ -235,7 +240,7 @@ def results_table(result_grid, spec: SweepSpec):
             **{d.key: config.get(d.key) for d in spec.space},
             "status": status,
             "step": metrics.get("step"),
-            **{m: metrics.get(m) for m in TRAINING_METRICS + EVAL_METRICS},
+            **{m: metrics.get(m) for m in TRAINING_METRICS + RESULT_METRICS},
             "wall_seconds": metrics.get("time_total_s"),
             "mlflow_run_id": metrics.get("mlflow_run_id"),
             "artifact_uri": metrics.get("artifact_uri"),
@@ -244,10 +249,44 @@ def results_table(result_grid, spec: SweepSpec):
         }
         rows.append(row)
     table = pd.DataFrame(rows)
-    for metric in EVAL_METRICS + TRAINING_METRICS:
+    for metric in RESULT_METRICS + TRAINING_METRICS:
         if metric in table and table[metric].isna().all():
             table = table.drop(columns=metric)
     return table
+
+
+def warm_cache(spec: SweepSpec, workspace: Workspace) -> None:
+    """Every text embedding the trials will ask for, computed once here (and the CLIP model checked)
+    before any trial starts: a trial whose texts are cached never builds a text encoder."""
+    if not spec.clip_model and spec.guidance == "synthetic":
+        return
+    import torch
+
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    texts = warm_text_cache(spec.base_config(), spec.prompts, spec.rank_prompts(spec.prompts[0]),
+                            TextEmbeddingCache(workspace.cache), device)
+    print(f"[sweep {spec.name}] text embeddings of {texts} texts ready in {workspace.cache} "
+          f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
+
+def dashboard_columns(spec: SweepSpec) -> list[str]:
+    """The runs-table columns of a sweep's view: prompt, seed, searched keys, then its metrics."""
+    metrics = [spec.metric]
+    if spec.guidance == "synthetic":
+        metrics += ["silhouette_iou", "r_precision_colour", "r_precision_textureless"]
+    if spec.clip_model:
+        metrics += ["clip_score", "clip_r_precision", "clip_r_precision_textureless"]
+    params = ["prompt", "seed", *(d.key for d in spec.space)]
+    return [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in dict.fromkeys(metrics)]
+
+
+def log_sweep_means(mlflow_client, parent_run_id: str, table) -> None:
+    """The mean of every result metric over the finished trials, on the sweep's parent run."""
+    finished = table[table["status"] == "FINISHED"]
+    for metric in RESULT_METRICS:
+        if metric in finished and finished[metric].notna().any():
+            mlflow_client.log_metric(parent_run_id, f"mean_{metric}", float(finished[metric].mean()))
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -293,6 +332,7 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
         tracking_uri = state["tracking_uri_given"]
 
     total = trial_count(spec)
+    warm_cache(spec, ws)
     with contextlib.ExitStack() as stack:
         uri = tracking_uri or stack.enter_context(tracking.TrackingServer(ws.mlflow)).uri
         params = {"prompts": len(spec.prompts), "trials": total, "algorithm": spec.algorithm,
@@ -302,12 +342,14 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
         experiment_id, parent_run_id = tracking.open_parent_run(uri, spec.name, params,
                                                                 state.get("parent_run_id"))
         if not resume:
+            view_key = tracking.share_trials_view(uri, experiment_id, parent_run_id, dashboard_columns(spec),
+                                                  spec.metric, spec.mode)
             ws.sweep.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(spec_path, ws.sweep / "spec.yaml")
             tracking.client(uri).log_artifact(parent_run_id, str(ws.sweep / "spec.yaml"))
             _write_atomic(ws.state, lambda p: p.write_text(json.dumps(
                 {"name": spec.name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-                 "tracking_uri_given": tracking_uri, "trials": total}, indent=2)))
+                 "tracking_uri_given": tracking_uri, "trials": total, "view_key": view_key}, indent=2)))
         print(f"[sweep {spec.name}] {total} trials ({len(spec.prompts)} prompts); MLflow experiment "
               f"'{spec.name}', parent run {parent_run_id}", file=sys.stderr, flush=True)
         # "local" rather than None: Ray would otherwise join whatever cluster a stale
@@ -315,7 +357,7 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=True, ignore_reinit_error=True)
         stack.callback(ray.shutdown)
-        context = TrialContext(spec, uri, experiment_id, parent_run_id)
+        context = TrialContext(spec, uri, experiment_id, parent_run_id, str(ws.cache))
         experiment_path = ws.ray / spec.name
         if resume and tune.Tuner.can_restore(str(experiment_path)):
             tuner = tune.Tuner.restore(str(experiment_path), _trainable(spec, context), resume_unfinished=True,
@@ -331,15 +373,25 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
         mlflow_client.log_table(parent_run_id, table.astype({c: "string" for c in ("error",) if c in table}),
                                 "results.json")
         close_child_runs(uri, experiment_id, parent_run_id, table)
+        log_sweep_means(mlflow_client, parent_run_id, table)
         failed = int((table["status"] == "FAILED").sum())
         mlflow_client.set_terminated(parent_run_id, status="FAILED" if failed else "FINISHED")
     return table
 
 
+def dashboard_links(workspace: Path, base: str) -> list[tuple[str, str]]:
+    """``(sweep name, URL)`` of every sweep in ``workspace``: the dashboard opened on its trials."""
+    links = []
+    for state_path in sorted((Path(workspace) / "sweeps").glob(f"*/{STATE}")):
+        state = json.loads(state_path.read_text())
+        links.append((state["name"], tracking.dashboard_url(base, state["experiment_id"], state.get("view_key"))))
+    return links
+
+
 def format_table(table) -> str:
     columns = [c for c in ("prompt", "seed") if c in table]
     columns += [c for c in table.columns if "." in c]
-    columns += [c for c in ("status", *EVAL_METRICS[:4], "loss", "wall_seconds") if c in table]
+    columns += [c for c in ("status", *RESULT_METRICS[:4], *CLIP_SHOWN, "loss", "wall_seconds") if c in table]
     shown = table[columns].copy()
     shown["prompt"] = shown["prompt"].str.slice(0, 32)
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")

@@ -9,6 +9,7 @@ training never waits on the tracking server.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 TRIAL_KEY_TAG = "dreamfusion.trial_key"
 SWEEP_TAG = "dreamfusion.sweep"
 PARENT_TAG = "mlflow.parentRunId"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # A trial's HTTP calls give up quickly: buffered data is sent again at the next flush.
 TRIAL_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -152,6 +154,30 @@ def open_parent_run(uri: str, sweep: str, params: dict[str, Any], parent_run_id:
     return experiment_id, run.info.run_id
 
 
+def share_trials_view(uri: str, experiment_id: str, parent_run_id: str, columns: list[str], metric: str,
+                      mode: str) -> str:
+    """Store, as MLflow's own "share view" does, a runs-table view of the sweep's trials: only the child
+    runs of ``parent_run_id``, the given params and metrics as columns, sorted by ``metric``. Returns its key
+    for ``dashboard_url``. (MLflow 3 reads ``viewStateShareKey`` from the URL and the view from the
+    experiment tag ``mlflow.sharedViewState.<key>``; search facets in that URL would override it.)"""
+    key = f"dreamfusion-{parent_run_id}"
+    view = {
+        "searchFilter": f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": mode == "min",
+        "selectedColumns": [*columns, "attributes.`Duration`"],
+        "runsHiddenMode": "SHOW_ALL",
+    }
+    client(uri).set_experiment_tag(experiment_id, f"{SHARED_VIEW_TAG}{key}", json.dumps(view))
+    return key
+
+
+def dashboard_url(base: str, experiment_id: str, view_key: str | None) -> str:
+    """Where the dashboard opens on a sweep: its trials in the runs table ("Model training", not GenAI)."""
+    url = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{url}&viewStateShareKey={view_key}" if view_key else url
+
+
 def _params(values: dict[str, Any]) -> list:
     from mlflow.entities import Param
 
@@ -172,6 +198,7 @@ class TrialRun:
 
         self.client = client(uri)
         self.pending: list = []
+        self.pending_images: list[tuple[str, int, Any]] = []
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{key}'",
                                         max_results=1)
         if found:
@@ -201,6 +228,10 @@ class TrialRun:
         now = int(time.time() * 1000)
         self.pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
 
+    def record_image(self, key: str, step: int, image) -> None:
+        """An image for MLflow's image grid (``log_image`` with a key and a step), sent at the next flush."""
+        self.pending_images.append((key, step, image))
+
     def flush(self) -> bool:
         """Send what is buffered; on failure keep it, warn, and return False."""
         try:
@@ -208,9 +239,13 @@ class TrialRun:
                 batch = self.pending[:MAX_BATCH_METRICS]
                 self.client.log_batch(self.run_id, metrics=batch)
                 del self.pending[:len(batch)]
+            while self.pending_images:
+                key, step, image = self.pending_images[0]
+                self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+                self.pending_images.pop(0)
         except Exception as exc:  # noqa: BLE001 - any transport failure: keep the data, try later
-            log.warning("MLflow logging failed (%s); %d metric values kept and sent at the next flush",
-                        str(exc).splitlines()[0][:200], len(self.pending))
+            log.warning("MLflow logging failed (%s); %d metric values and %d images kept and sent at the next "
+                        "flush", str(exc).splitlines()[0][:200], len(self.pending), len(self.pending_images))
             return False
         return True
 

@@ -21,12 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from dreamfusion.config import Config
-from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run
+from dreamfusion.export import render_progress_row
+from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run, make_judge
+from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion.trainer import CheckpointError, Trainer, TrainerCallback
 from dreamfusion_platform.spec import TRAINING_METRICS, SweepSpec
 from dreamfusion_platform.tracking import TrialRun, retry, trial_environment
 
 log = logging.getLogger(__name__)
+
+VIEWS_IMAGE_KEY = "views"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,7 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    cache_dir: str  # the workspace's text-embedding cache, warmed by the driver
 
 
 def trial_key(config: Config) -> str:
@@ -119,7 +124,10 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
 
     started = time.perf_counter()
     chunk = ChunkMetrics()
-    trainer = Trainer(config, callbacks=[chunk])
+    text_cache = TextEmbeddingCache(Path(context.cache_dir))
+    trainer = Trainer(config, callbacks=[chunk], text_cache=text_cache)
+    judge = make_judge(config, trainer.device, text_cache)
+    rank_prompts = spec.rank_prompts(config.prompt) if judge is not None else None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         restore_newest_readable(trainer, checkpoint)
@@ -132,9 +140,13 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                                        "skipped_steps": trainer.skipped_steps}
             for step, values in chunk.steps:
                 tracked.record(step, values)
+            # The four-view colour strip, step by step: MLflow's image grid compares trials with it.
+            tracked.record_image(VIEWS_IMAGE_KEY, trainer.step, render_progress_row(
+                trainer.field, trainer.shading("albedo"), config.export.progress_resolution, trainer.occupancy,
+                with_opacity=False).numpy())
             final = trainer.step >= config.iterations
             if final:
-                summary = finish_run(trainer, run_dir, time.perf_counter() - started)
+                summary = finish_run(trainer, run_dir, time.perf_counter() - started, judge, rank_prompts)
                 metrics.update(summary["metrics"])
                 tracked.record(trainer.step, summary["metrics"])
                 artifacts = [run_dir / name for name in summary["artifacts"].values()]
@@ -142,8 +154,10 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                 if summary["warnings"]:  # e.g. an empty scene: no mesh; visible in the dashboard's table
                     warnings = "; ".join(summary["warnings"])[:5000]
                     tracked.client.set_tag(tracked.run_id, "dreamfusion.warnings", warnings)
-            elif spec.needs_eval_each_report:
-                quality = compute_metrics(trainer)
+            elif spec.needs_eval_each_report or spec.needs_clip_each_report:
+                quality = compute_metrics(trainer) if spec.needs_eval_each_report else {}
+                if spec.needs_clip_each_report:
+                    quality.update(judge.judge(trainer))
                 metrics.update(quality)
                 tracked.record(trainer.step, quality)
             tracked.flush()

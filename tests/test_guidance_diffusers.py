@@ -17,69 +17,6 @@ from dreamfusion.sds import sds_loss
 from dreamfusion.trainer import Trainer
 from tests.conftest import TINY, views_of
 
-WORDS = ["a", "red", "ball", "blue", "cube", "cat", "front", "side", "back", "overhead", "view", ","]
-
-
-def _tokenizer(max_length: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
-                                   model_max_length=max_length)
-
-
-def _scheduler(**kwargs):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny-sd")
-    _tokenizer(16).save_pretrained(root / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS) + 2, hidden_size=16, intermediate_size=32,
-                                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                                 pad_token_id=0, bos_token_id=0, eos_token_id=0)).save_pretrained(root / "text_encoder")
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                         attention_head_dim=2, norm_num_groups=4).save_pretrained(root / "unet")
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  norm_num_groups=4, sample_size=16).save_pretrained(root / "vae")
-    _scheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_if(tmp_path_factory) -> Path:
-    from diffusers import UNet2DConditionModel
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny-if")
-    _tokenizer(77).save_pretrained(root / "tokenizer")
-    T5EncoderModel(T5Config(vocab_size=len(WORDS) + 2, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                            pad_token_id=0)).save_pretrained(root / "text_encoder")
-    UNet2DConditionModel(sample_size=16, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(8, 16),
-                         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-                         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-                         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-                         cross_attention_dim=16, encoder_hid_dim=16, attention_head_dim=8, norm_num_groups=4,
-                         addition_embed_type="text", addition_embed_type_num_heads=2,
-                         resnet_time_scale_shift="scale_shift",
-                         act_fn="gelu").save_pretrained(root / "unet")
-    _scheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range").save_pretrained(root / "scheduler")
-    return root
-
 
 def real_config(backend: str, model: Path, *overrides: str) -> Config:
     config = Config(prompt="a red ball")
@@ -193,41 +130,6 @@ def test_run_with_deepfloyd_if_from_the_cli(tmp_path, tiny_if):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["sds"]["guidance_scale"] == 100.0 and summary["metrics"] == {}
     assert (out / "mesh.glb").exists() and (out / "viewer.html").exists()
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny-clip")
-    config = CLIPConfig(
-        text_config={"vocab_size": len(WORDS) + 2, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": 0,
-                     "bos_token_id": 0, "eos_token_id": 0},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=8)
-    CLIPModel(config).save_pretrained(root)
-    _tokenizer(16).save_pretrained(root)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root)
-    return root
-
-
-@pytest.mark.slow
-def test_clip_r_precision_from_the_cli(tmp_path, tiny_clip, capsys):
-    out = tmp_path / "run"
-    overrides = [arg for item in TINY for arg in ("--set", item)]
-    assert main(["run", "a red ball", "--out", str(out), "--iters", "2", *overrides]) == 0
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a blue cube\na cat\n")
-    capsys.readouterr()
-    assert main(["eval", str(out), "--clip", str(tiny_clip), "--prompt-set", str(prompts)]) == 0
-    metrics = json.loads(capsys.readouterr().out)
-    for name in ("clip_r_precision_colour", "clip_r_precision_textureless"):
-        assert 0.0 <= metrics[name] <= 1.0
-    assert metrics["clip_prompt_set_size"] == 3.0
-    assert main(["eval", str(out), "--clip", str(tiny_clip)]) == 2
 
 
 def test_field_under_bf16_autocast_trains():

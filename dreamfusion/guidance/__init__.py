@@ -6,9 +6,13 @@ from pathlib import Path
 
 from dreamfusion.config import Config
 from dreamfusion.guidance.base import Guidance
+from dreamfusion.text_cache import TextEmbeddingCache
 
 
-def make_guidance(config: Config, cache_dir: Path | None = None) -> Guidance:
+def make_guidance(config: Config, cache_dir: Path | None = None, text_cache: TextEmbeddingCache | None = None
+                  ) -> Guidance:
+    """The configured backend; ``cache_dir`` holds the synthetic prior's photos, ``text_cache`` a real
+    model's text embeddings (both default to ``$DREAMFUSION_CACHE``)."""
     if config.guidance.backend == "synthetic":
         from dreamfusion.guidance.synthetic import SyntheticGuidance
 
@@ -16,11 +20,14 @@ def make_guidance(config: Config, cache_dir: Path | None = None) -> Guidance:
     from dreamfusion.config import resolve_device
     from dreamfusion.guidance.diffusion import DeepFloydIFGuidance, StableDiffusionGuidance
 
+    from dreamfusion.prior.synthetic import default_cache_dir
+
     device = resolve_device(config.device)
+    text_cache = text_cache or TextEmbeddingCache(default_cache_dir())
     if config.guidance.backend == "stable-diffusion":
-        return StableDiffusionGuidance(config, device)
+        return StableDiffusionGuidance(config, device, text_cache=text_cache)
     if config.guidance.backend == "deepfloyd-if":
-        return DeepFloydIFGuidance(config, device)
+        return DeepFloydIFGuidance(config, device, text_cache=text_cache)
     raise AssertionError(f"unvalidated guidance backend {config.guidance.backend!r}")
 
 

@@ -4,11 +4,14 @@ Both load their parts from a local directory or a Hugging Face hub id, in the la
 pipelines are saved in (``tokenizer/``, ``text_encoder/``, ``unet/``, ``scheduler/``, and ``vae/``
 for Stable Diffusion), from safetensors only. The text embeddings of the prompt with each view
 suffix (", front view", ...) and of the empty prompt are computed once, then the text encoder is
-freed: SDS only ever needs those few embeddings.
+freed: SDS only ever needs those few embeddings. With a text-embedding cache (``dreamfusion.text_cache``)
+they are computed once per model and text, and a trial whose texts are cached never builds the encoder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import logging
 import os
@@ -22,6 +25,7 @@ from dreamfusion.config import Config
 from dreamfusion.errors import UserInputError
 from dreamfusion.guidance.base import Guidance
 from dreamfusion.memory import checkpointer
+from dreamfusion.text_cache import TextEmbeddingCache
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +47,48 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def load_pretrained(loader, model: str, subfolder: str, **kwargs):
-    """``loader.from_pretrained`` with one clear error for every way weights can be missing."""
+@contextlib.contextmanager
+def _transformers_errors_only():
+    """Loading a tower of a two-tower checkpoint (CLIP's vision or text model) makes transformers print a
+    report of every weight of the other tower, as a warning: expected here, so not shown."""
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
+def load_pretrained(loader, model: str, subfolder: str, option: str = "--model", **kwargs):
+    """``loader.from_pretrained`` with one clear error for every way weights can be missing; ``option``
+    is where the user names the model."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     local = Path(model).expanduser()
     source = str(local) if local.exists() else model
     if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
-        raise UserInputError(f"model directory {model} does not exist; give the folder a diffusers pipeline "
-                             "was saved to (save_pretrained), or a hub id such as "
-                             "stabilityai/stable-diffusion-2-1-base")
+        raise UserInputError(f"model directory {model} does not exist; give {option} the folder the model was "
+                             "saved to (save_pretrained), or a hub id such as "
+                             f"{'openai/clip-vit-base-patch32' if option != '--model' else 'stabilityai/stable-diffusion-2-1-base'}")
     try:
-        return loader.from_pretrained(source, subfolder=subfolder, local_files_only=offline or local.exists(),
-                                      **kwargs)
+        with _transformers_errors_only():
+            return loader.from_pretrained(source, subfolder=subfolder, local_files_only=offline or local.exists(),
+                                          **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         where = "offline (HF_HUB_OFFLINE=1)" if offline else "and could not be downloaded"
+        part = f"{subfolder}/ of " if subfolder else ""
         raise UserInputError(
-            f"cannot load {subfolder}/ of model '{model}' ({first}); it is not on this machine {where}: "
+            f"cannot load {part}model '{model}' ({first}); it is not on this machine {where}: "
             f"download it where there is internet (huggingface-cli download {model}) and pass its local "
-            "directory with --model, or check the id (gated models need `huggingface-cli login`)"
+            f"directory with {option}, or check the id (gated models need `huggingface-cli login`)"
         ) from None
+
+
+def prompt_texts(prompt: str) -> dict[str | None, str]:
+    """The texts SDS conditions on: the prompt (key None), the empty prompt, and the prompt per view."""
+    return {None: prompt, "": "", **{view: f"{prompt}, {view} view" for view in VIEW_SUFFIXES}}
 
 
 class DiffusersGuidance(Guidance):
@@ -72,51 +98,67 @@ class DiffusersGuidance(Guidance):
     max_length: int | None = None
     uses_attention_mask = False
 
-    def __init__(self, config: Config, device: torch.device | None = None, components: dict | None = None) -> None:
-        """Loads ``config.guidance.model``; or takes ready ``components`` (``unet``, ``scheduler``,
-        ``embeddings`` and for Stable Diffusion ``vae``), as the benchmark does with random weights."""
+    def __init__(self, config: Config, device: torch.device | None = None, components: dict | None = None,
+                 text_cache: TextEmbeddingCache | None = None) -> None:
+        """Loads ``config.guidance.model``, its text embeddings from ``text_cache`` where they are cached; or
+        takes ready ``components`` (``unet``, ``scheduler``, ``embeddings`` and for Stable Diffusion ``vae``),
+        as the benchmark does with random weights."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer
 
         self.config = config
         self.device = device or torch.device("cpu")
         self.dtype = _dtype(config.guidance.dtype, self.device)
         model = config.guidance.model
         if components is None:
-            tokenizer = load_pretrained(AutoTokenizer, model, "tokenizer")
-            text_encoder = load_pretrained(self._text_encoder_loader(), model, "text_encoder", use_safetensors=True)
+            texts = prompt_texts(config.prompt)
+            embedded = self.embed_texts(model, list(texts.values()), self.device, text_cache)
             components = {"unet": load_pretrained(UNet2DConditionModel, model, "unet", use_safetensors=True),
                           "scheduler": load_pretrained(DDPMScheduler, model, "scheduler"),
-                          "embeddings": self._embed_prompts(tokenizer, text_encoder.to(self.device), config.prompt)}
-            del text_encoder, tokenizer  # never needed again: free it before the UNet takes the memory
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+                          "embeddings": {key: embedded[text] for key, text in texts.items()}}
         self.alphas_cumprod = components["scheduler"].alphas_cumprod.float().cpu()
         self.embeddings = {key: value.to(self.device, self.dtype) for key, value in components["embeddings"].items()}
         self.unet = self._freeze(components["unet"])  # diffusers' default attention is torch's SDPA
         if config.guidance.compile:
             self.unet = torch.compile(self.unet)
 
-    def _text_encoder_loader(self):
+    @classmethod
+    def text_kind(cls) -> str:
+        """What ``embed_texts`` computes, for the cache key: the encoder's last hidden state, padded as here."""
+        return f"{cls.text_encoder_class}/last_hidden_state/max_length={cls.max_length}/mask={cls.uses_attention_mask}"
+
+    @classmethod
+    def embed_texts(cls, model: str, texts: list[str], device: torch.device,
+                    cache: TextEmbeddingCache | None = None) -> dict[str, torch.Tensor]:
+        """Text-encoder outputs ``[tokens, width]`` per text; with a ``cache``, the encoder is built only for
+        the texts it lacks."""
+        compute = functools.partial(cls._encode_with_new_encoder, model, device=device)
+        if cache is None:
+            return compute(list(dict.fromkeys(texts)))
+        return cache.lookup(model, ("tokenizer", "text_encoder"), cls.text_kind(), texts, compute)
+
+    @classmethod
+    @torch.no_grad()
+    def _encode_with_new_encoder(cls, model: str, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         import transformers
 
-        return getattr(transformers, self.text_encoder_class)
+        tokenizer = load_pretrained(transformers.AutoTokenizer, model, "tokenizer")
+        text_encoder = load_pretrained(getattr(transformers, cls.text_encoder_class), model, "text_encoder",
+                                       use_safetensors=True).to(device).eval()
+        # Padded to a fixed length, so a text's embedding does not depend on the others in its batch.
+        length = cls.max_length or tokenizer.model_max_length
+        tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        kwargs = {"attention_mask": tokens.attention_mask.to(device)} if cls.uses_attention_mask else {}
+        hidden = text_encoder(tokens.input_ids.to(device), **kwargs)[0].float().cpu()
+        del text_encoder, tokenizer  # never needed again: free it before the UNet takes the memory
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {text: hidden[i] for i, text in enumerate(texts)}
 
     def _freeze(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device, self.dtype).eval()
         module.requires_grad_(False)
         return module
-
-    @torch.no_grad()
-    def _embed_prompts(self, tokenizer, text_encoder, prompt: str) -> dict[str | None, torch.Tensor]:
-        texts = {None: prompt, "": "", **{view: f"{prompt}, {view} view" for view in VIEW_SUFFIXES}}
-        length = self.max_length or tokenizer.model_max_length
-        tokens = tokenizer(list(texts.values()), padding="max_length", max_length=length, truncation=True,
-                           return_tensors="pt")
-        kwargs = {"attention_mask": tokens.attention_mask.to(self.device)} if self.uses_attention_mask else {}
-        hidden = text_encoder(tokens.input_ids.to(self.device), **kwargs)[0]
-        return {key: hidden[i] for i, key in enumerate(texts)}
 
     def to(self, device: torch.device) -> DiffusersGuidance:
         if device != self.device:
@@ -148,10 +190,11 @@ class StableDiffusionGuidance(DiffusersGuidance):
 
     text_encoder_class = "CLIPTextModel"
 
-    def __init__(self, config: Config, device: torch.device | None = None, components: dict | None = None) -> None:
+    def __init__(self, config: Config, device: torch.device | None = None, components: dict | None = None,
+                 text_cache: TextEmbeddingCache | None = None) -> None:
         from diffusers import AutoencoderKL
 
-        super().__init__(config, device, components)
+        super().__init__(config, device, components, text_cache)
         vae = components["vae"] if components else load_pretrained(AutoencoderKL, config.guidance.model, "vae",
                                                          use_safetensors=True)
         self.vae = self._freeze(vae)
@@ -187,8 +230,9 @@ class DeepFloydIFGuidance(DiffusersGuidance):
     uses_attention_mask = True
     max_length = 77
 
-    def __init__(self, config: Config, device: torch.device | None = None, components: dict | None = None) -> None:
-        super().__init__(config, device, components)
+    def __init__(self, config: Config, device: torch.device | None = None, components: dict | None = None,
+                 text_cache: TextEmbeddingCache | None = None) -> None:
+        super().__init__(config, device, components, text_cache)
         self.image_size = int(self.unet.config.sample_size)
 
     def encode(self, images: torch.Tensor, progress: float = 1.0) -> torch.Tensor:
