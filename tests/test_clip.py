@@ -199,7 +199,9 @@ def test_a_trial_with_a_warm_cache_builds_no_text_encoder(tmp_path, monkeypatch,
     config = _real_config(backend, model, tiny_clip)
     uncached = guidance_class(config)  # no cache: the encoder is built, as without this feature
     cache = TextEmbeddingCache(tmp_path / "cache")
-    assert warm_text_cache(config, ["a red ball", "a blue cube"], ["a red ball", "a blue cube"], cache, CPU) == 2 + 11  # CLIP: 2 prompts; guidance: 2 × 5 texts and the empty one
+    prompts = ["a red ball", "a blue cube"]
+    # CLIP: the 2 prompts; guidance: each prompt alone and with 4 view suffixes, and the empty prompt.
+    assert warm_text_cache(config, prompts, prompts, cache, CPU) == 2 + 11
 
     guidance_encoders = _count_constructions(monkeypatch, encoder_class)
     clip_text_encoders = _count_constructions(monkeypatch, transformers.CLIPTextModelWithProjection)

@@ -81,5 +81,6 @@ def build_tiny_clip(root: Path, image_size: int = 32, crop: int = 32) -> Path:
         projection_dim=8)
     CLIPModel(config).save_pretrained(root)
     tokenizer(16).save_pretrained(root)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": crop, "width": crop}).save_pretrained(root)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": crop, "width": crop})
+    processor.save_pretrained(root)
     return root

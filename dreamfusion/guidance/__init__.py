@@ -19,7 +19,6 @@ def make_guidance(config: Config, cache_dir: Path | None = None, text_cache: Tex
         return SyntheticGuidance(config, cache_dir)
     from dreamfusion.config import resolve_device
     from dreamfusion.guidance.diffusion import DeepFloydIFGuidance, StableDiffusionGuidance
-
     from dreamfusion.prior.synthetic import default_cache_dir
 
     device = resolve_device(config.device)

@@ -68,9 +68,9 @@ def load_pretrained(loader, model: str, subfolder: str, option: str = "--model",
     local = Path(model).expanduser()
     source = str(local) if local.exists() else model
     if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        example = "stabilityai/stable-diffusion-2-1-base" if option == "--model" else "openai/clip-vit-base-patch32"
         raise UserInputError(f"model directory {model} does not exist; give {option} the folder the model was "
-                             "saved to (save_pretrained), or a hub id such as "
-                             f"{'openai/clip-vit-base-patch32' if option != '--model' else 'stabilityai/stable-diffusion-2-1-base'}")
+                             f"saved to (save_pretrained), or a hub id such as {example}")
     try:
         with _transformers_errors_only():
             return loader.from_pretrained(source, subfolder=subfolder, local_files_only=offline or local.exists(),
