@@ -76,12 +76,18 @@ def _clip_config(model: str):
     return config
 
 
+def image_processor_class():
+    """CLIP's PIL-based image processor, the reference one (transformers 5 calls it ``CLIPImageProcessorPil``
+    and makes ``CLIPImageProcessor`` a torchvision port where torchvision is installed)."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 def check_clip_model(model: str) -> None:
     """Fail now, with one clear line, if ``model`` is not a loadable CLIP model (config and processor)."""
-    from transformers import CLIPImageProcessor
-
     _clip_config(model)
-    load_pretrained(CLIPImageProcessor, model, "", option=OPTION)
+    load_pretrained(image_processor_class(), model, "", option=OPTION)
 
 
 def clip_text_features(model: str, texts: list[str], device: torch.device,
@@ -117,14 +123,14 @@ class ClipJudge:
 
     def __init__(self, model: str, device: torch.device, cache: TextEmbeddingCache | None = None,
                  views: int = 8, elevation: float = 15.0) -> None:
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
 
         self.model, self.device, self.cache = model, device, cache
         self.views, self.elevation = views, elevation
         config = _clip_config(model)
         vision_config = config.vision_config
         vision_config.projection_dim = config.projection_dim
-        self.processor = load_pretrained(CLIPImageProcessor, model, "", option=OPTION)
+        self.processor = load_pretrained(image_processor_class(), model, "", option=OPTION)
         self.vision = load_pretrained(CLIPVisionModelWithProjection, model, "", option=OPTION, config=vision_config,
                                       use_safetensors=True).to(device).eval()
         self.vision.requires_grad_(False)

@@ -60,7 +60,10 @@ def _hub_snapshot(model: str, subfolder: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(model, f"{subfolder}/config.json" if subfolder else "config.json")
+    try:
+        found = try_to_load_from_cache(model, f"{subfolder}/config.json" if subfolder else "config.json")
+    except ValueError:  # not a hub id either (a mistyped path): loading says so, clearly
+        return None
     if not isinstance(found, str):
         return None
     return Path(found).parent.parent if subfolder else Path(found).parent
@@ -73,23 +76,18 @@ class TextEmbeddingCache:
     def model_identity(self, model: str, subfolders: Sequence[str]) -> str | None:
         """What the cached values depend on: every file of ``subfolders`` (``""``: the model's root) of a
         local model, or a hub model's id and commit; None for a hub model not on this machine yet."""
-        local = Path(model).expanduser()
-        if local.is_dir():
-            root = local
-            prefix = "local"
-        else:
+        root = Path(model).expanduser()
+        if not root.is_dir():
             snapshot = _hub_snapshot(model, subfolders[0]) if subfolders else None
-            if snapshot is None:
-                return None
-            return f"hub:{model}@{snapshot.name}"
-        digest = hashlib.sha256(prefix.encode())
+            return None if snapshot is None else f"hub:{model}@{snapshot.name}"
+        digest = hashlib.sha256()
         for subfolder in subfolders:
             folder = root / subfolder
             if not folder.is_dir():
                 return None
             for path in sorted(p for p in folder.iterdir() if p.is_file()):
                 digest.update(f"{subfolder}/{path.name}:{_digest_file(path, self.root / 'digests')}\n".encode())
-        return f"{prefix}:{digest.hexdigest()}"
+        return f"local:{digest.hexdigest()}"
 
     def _path(self, identity: str, kind: str, text: str) -> Path:
         key = hashlib.sha256(json.dumps([CACHE_FORMAT, identity, kind, text]).encode()).hexdigest()

@@ -12,7 +12,14 @@ import torch
 import transformers
 
 from dreamfusion.cli import main
-from dreamfusion.clip_eval import ClipJudge, clip_text_features, r_precision, ranking_prompts, read_prompt_set
+from dreamfusion.clip_eval import (
+    ClipJudge,
+    clip_text_features,
+    image_processor_class,
+    r_precision,
+    ranking_prompts,
+    read_prompt_set,
+)
 from dreamfusion.config import Config, apply_backend_defaults, apply_overrides
 from dreamfusion.errors import UserInputError
 from dreamfusion.guidance.diffusion import DeepFloydIFGuidance, StableDiffusionGuidance, prompt_texts
@@ -32,10 +39,10 @@ def _unit(output) -> torch.Tensor:
 
 def direct_clip_score(model: Path, images: torch.Tensor, prompt: str) -> float:
     """CLIP score as a user computes it with transformers: CLIPModel, its processor, its tokenizer."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
 
     clip = CLIPModel.from_pretrained(model).eval()
-    processor = CLIPImageProcessor.from_pretrained(model)
+    processor = image_processor_class().from_pretrained(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     pixels = processor(images=list((images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)),
                        return_tensors="pt").pixel_values
@@ -69,19 +76,18 @@ def test_in_run_clip_score_equals_a_direct_computation_with_clip_model(tmp_path,
 
 
 def test_preprocessing_matches_the_processor_when_it_must_resize(tmp_path):
-    from transformers import CLIPImageProcessor
-
     model = build_tiny_clip(tmp_path / "clip", image_size=40, crop=32)
+    processor = image_processor_class().from_pretrained(model)
     judge = ClipJudge(str(model), CPU)
     images = torch.rand(3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
-    expected = CLIPImageProcessor.from_pretrained(model)(
+    expected = processor(
         images=list((images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)), return_tensors="pt")
     mine = judge.preprocess(images)
     assert mine.shape == expected.pixel_values.shape == (3, 3, 32, 32)
     # torch's antialiased bicubic against PIL's: the same filter, a few 8-bit levels apart at most.
     assert (mine - expected.pixel_values).abs().mean() < 0.02
     same_size = torch.rand(2, 3, 40, 40)
-    exact = CLIPImageProcessor.from_pretrained(model)(
+    exact = processor(
         images=list((same_size.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)), return_tensors="pt")
     torch.testing.assert_close(judge.preprocess(same_size), exact.pixel_values, rtol=0, atol=1e-5)
 

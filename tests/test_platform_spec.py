@@ -128,12 +128,23 @@ BAD_SPECS = [
      "which Optuna cannot suggest"),
     ({"scheduler": {"type": "asha", "grace_period": 10}, "iterations": 20, "report_every": 10},
      "leaves ASHA nothing to stop"),
+    ({"search": {"metric": "clip_score"}}, "needs a CLIP model to judge with"),
+    ({"scheduler": {"type": "asha", "metric": "clip_score_textureless"}}, "set config: {eval.clip_model"),
+    ({"search": {"metric": "clip_r_precision"}, "config": {"eval.clip_model": "m"}},
+     "computed once, at the end of the sweep"),
+    ({"config": {"eval.clip_prompt_set": "d.txt"}}, "needs a CLIP model to rank with"),
+    ({"config": {"eval.clip_model": "m", "eval.clip_prompt_set": "missing.txt"}}, "does not exist"),
+    ({"config": {"eval.clip_model": "m", "eval.clip_prompt_set": "empty.txt"}}, "holds no prompts"),
+    ({"config": {"eval.clip_model": "m", "eval.clip_prompt_set": "latin.txt"}}, "is not UTF-8"),
+    ({"config": {"eval.clip_views": 0}}, "eval.clip_views must lie in"),
 ]
 
 
 @pytest.mark.parametrize(("fields", "message"), BAD_SPECS, ids=[m for _, m in BAD_SPECS])
 def test_bad_specs_get_one_clear_line(tmp_path, fields, message):
     (tmp_path / "p.csv").write_text("prompt\na red ball\n")
+    (tmp_path / "empty.txt").write_text("# none\n")
+    (tmp_path / "latin.txt").write_bytes("a caf\xe9\n".encode("latin-1"))
     data = spec(**fields)
     if "name" in fields:
         data["name"] = fields["name"]
@@ -160,3 +171,21 @@ def test_malformed_and_non_utf8_files(tmp_path):
     (tmp_path / "python.yaml").write_text("!!python/object/apply:os.system ['true']\n")
     with pytest.raises(UserInputError):  # safe_load refuses to build Python objects
         load_spec(tmp_path / "python.yaml")
+
+
+def test_clip_score_is_searchable_on_any_backend_and_computed_at_reports_only_when_needed(tmp_path):
+    (tmp_path / "distractors.txt").write_text("a cat\na red ball\n")
+    clip = {"eval.clip_model": "openai/clip-vit-base-patch32", "eval.clip_prompt_set": "distractors.txt"}
+    searched = parse_spec(spec(guidance={"backend": "stable-diffusion", "model": "m"}, config=clip,
+                               search={"algorithm": "optuna", "space": {"optim.lr": {"loguniform": [0.001, 0.1]}}}),
+                          tmp_path)
+    assert (searched.metric, searched.mode) == ("clip_score", "max")  # the default where CLIP judges
+    assert searched.needs_clip_each_report and not searched.needs_eval_each_report
+    assert searched.config["eval.clip_prompt_set"] == str(tmp_path / "distractors.txt")  # absolute, for every node
+    assert searched.rank_prompts("a blue cube") == ["a blue cube", "a red ball", "a cat"]
+    asha = parse_spec(spec(config=clip, scheduler={"type": "asha", "metric": "clip_score"}, iterations=40,
+                           report_every=10), tmp_path)
+    assert asha.needs_clip_each_report and asha.metric == "silhouette_iou"
+    grid = parse_spec(spec(config=clip, search={"metric": "clip_score"}), tmp_path)
+    assert not grid.needs_clip_each_report  # grid search ranks the final results: nothing per report
+    assert parse_spec(spec(guidance={"backend": "deepfloyd-if", "model": "m"}), tmp_path).metric == "loss"

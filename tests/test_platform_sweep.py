@@ -224,3 +224,54 @@ def test_trials_spread_over_nodes_and_share_gpus_fractionally(tmp_path):
     assert set(table["node_id"]) == {node.node_id for node in nodes}  # both GPU nodes, never the head
     _, children = sweep_runs(tmp_path / "ws", "cluster")
     assert {c.data.tags["dreamfusion.gpu_ids"] for c in children} == {"0"}  # half of each node's one GPU
+
+
+def test_optuna_searches_clip_score_on_stable_diffusion_and_the_table_has_the_clip_columns(
+        tmp_path, tiny_sd, tiny_clip):
+    (tmp_path / "distractors.txt").write_text("a cat\na green dog\n")
+    config = {**dict(item.split("=", 1) for item in TINY), "eval.clip_model": str(tiny_clip), "eval.clip_views": "2",
+              "eval.clip_prompt_set": "distractors.txt"}
+    spec = write_spec(tmp_path, "clip", guidance={"backend": "stable-diffusion", "model": str(tiny_sd)},
+                      config=config, iterations=4, report_every=2, samples_per_prompt=2, max_concurrent_trials=2,
+                      search={"algorithm": "optuna", "metric": "clip_score",
+                              "space": {"sds.guidance_scale": {"uniform": [5.0, 50.0]},
+                                        "optim.lr": {"loguniform": [0.005, 0.05]}}})
+    workspace = tmp_path / "ws"
+    done = subprocess.run(sweep_command(spec, workspace), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 2 prompts ranked among 4 texts by CLIP, and 11 guidance texts: computed once, before any trial.
+    assert "text embeddings of 15 texts ready" in done.stderr
+    assert len(list((workspace / "cache" / "text-embeddings").rglob("*.safetensors"))) == 15
+
+    table = pd.read_parquet(workspace / "sweeps" / "clip" / "results.parquet")
+    assert len(table) == 4 and set(table["status"]) == {"FINISHED"}
+    clip_columns = ["clip_score", "clip_score_textureless", "clip_r_precision", "clip_r_precision_textureless"]
+    assert table[clip_columns].notna().all().all()
+    assert table["clip_r_precision"].isin([0.0, 0.5, 1.0]).all()  # R@1 over two views
+    assert table["sds.guidance_scale"].nunique() == 4  # Optuna suggested a configuration per trial
+
+    parent, children = sweep_runs(workspace, "clip")
+    client = store_client(workspace)
+    assert parent.data.metrics["mean_clip_r_precision"] == pytest.approx(table["clip_r_precision"].mean())
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "clip_score")] == [2, 4]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    state = json.loads((workspace / "sweeps" / "clip" / "sweep.json").read_text())
+    view = json.loads(experiment.tags[f"{tracking.SHARED_VIEW_TAG}{state['view_key']}"])
+    assert view["orderByKey"] == "metrics.`clip_score`" and view["orderByAsc"] is False
+    columns = set(view["selectedColumns"])
+    assert {"params.`prompt`", "params.`sds.guidance_scale`", "metrics.`clip_r_precision`"} <= columns
+    assert f"viewStateShareKey={state['view_key']}" in done.stdout and "workflowType=machine_learning" in done.stdout
+    with tracking.TrackingServer(workspace / "mlflow") as server:
+        images = tracking.client(server.uri).list_artifacts(children[0].info.run_id, "images")
+        assert len([i for i in images if i.path.endswith(".png")]) == 2  # the view strip at each report
+
+
+def test_a_clip_model_that_cannot_be_loaded_stops_the_sweep_before_any_trial(tmp_path):
+    spec = write_spec(tmp_path, "bad-clip", config={"eval.clip_model": str(tmp_path / "no-clip")},
+                      search={"metric": "clip_score"})
+    workspace = tmp_path / "ws"
+    done = subprocess.run(sweep_command(spec, workspace), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "eval.clip_model" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (workspace / "sweeps").exists() and not (workspace / "mlflow").exists()

@@ -69,7 +69,9 @@ def build_tiny_if(root: Path) -> Path:
 
 def build_tiny_clip(root: Path, image_size: int = 32, crop: int = 32) -> Path:
     """A CLIP model whose processor resizes to ``image_size`` and centre-crops ``crop`` pixels."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
+
+    from dreamfusion.clip_eval import image_processor_class
 
     torch.manual_seed(0)
     config = CLIPConfig(
@@ -81,6 +83,6 @@ def build_tiny_clip(root: Path, image_size: int = 32, crop: int = 32) -> Path:
         projection_dim=8)
     CLIPModel(config).save_pretrained(root)
     tokenizer(16).save_pretrained(root)
-    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": crop, "width": crop})
+    processor = image_processor_class()(size={"shortest_edge": image_size}, crop_size={"height": crop, "width": crop})
     processor.save_pretrained(root)
     return root
