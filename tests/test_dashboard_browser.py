@@ -1,10 +1,12 @@
-"""The dashboard in a real browser: after a tiny sweep, `dreamfusion ui` shows the sweep's experiment
-and trial runs in headless Chromium, and a trial's viewer.html draws the mesh (a non-blank canvas).
+"""The dashboard in a real browser: after a tiny sweep, the link `dreamfusion ui` prints opens on the
+sweep's trials (prompt, searched key and metric as columns, sorted by the metric) in headless Chromium,
+and a trial's viewer.html draws the mesh (a non-blank canvas).
 Screenshots are kept in $DREAMFUSION_TEST_ARTIFACTS (default: test-artifacts/)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,7 +45,7 @@ def wait_until_up(url: str, timeout: float = 120.0) -> None:
 def test_dashboard_shows_the_sweep_and_the_viewer_draws_the_mesh(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    spec = write_spec(tmp_path, "browser", prompts=["a red ball"], iterations=30, report_every=15)
+    spec = write_spec(tmp_path, "browser", iterations=8, report_every=4)
     workspace = tmp_path / "ws"
     done = subprocess.run(sweep_command(spec, workspace), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -52,20 +54,33 @@ def test_dashboard_shows_the_sweep_and_the_viewer_draws_the_mesh(tmp_path):
 
     port = tracking.free_port()
     ui = subprocess.Popen([sys.executable, "-m", "dreamfusion_platform.cli", "ui", "--workspace", str(workspace),
-                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
         base = f"http://127.0.0.1:{port}"
+        printed = [ui.stdout.readline() for _ in range(2)]  # the server, then a link per sweep
+        link = re.search(r"sweep browser: (\S+)", printed[1]).group(1)
+        assert link.startswith(f"{base}/#/experiments/{experiment_id}/runs")
+        assert link.split("/#/")[1] in done.stdout  # the sweep printed the same link
         wait_until_up(f"{base}/health")
         viewer = Path(tracking.client(base).download_artifacts(children[0].info.run_id, "viewer.html",
                                                                 str(tmp_path / "download")))
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(f"{base}/#/experiments/{experiment_id}/runs")
-            page.get_by_text("Model training", exact=True).click()  # MLflow 3 may open in its GenAI view
-            page.get_by_text("sweep browser").wait_for(timeout=60_000)
-            page.get_by_text(f"{1 + len(children)} matching runs").wait_for(timeout=30_000)
+            page = browser.new_page(viewport={"width": 1800, "height": 800})
+            page.goto(link)  # as a user would: the link `dreamfusion ui` printed, nothing clicked
+            # The sweep's trials only (its parent run filtered out), sorted by its metric, in "Model training".
+            page.get_by_text(f"{len(children)} matching runs").wait_for(timeout=60_000)
+            page.get_by_text("Sort: silhouette_iou").wait_for(timeout=30_000)
+            for column in ("prompt", "sds.guidance_scale", "silhouette_iou"):
+                page.get_by_role("columnheader", name=re.compile(f"^{re.escape(column[:12])}")).first.wait_for(
+                    timeout=30_000)
+            assert page.get_by_text("No data available").count() == 0  # not the GenAI overview
+            values = {str(c.data.metrics["silhouette_iou"]) for c in children}
+            rows = [cells.split("\n") for cells in page.locator("[role=row]").all_inner_texts()]
+            shown = [float(next(cell for cell in cells if cell in values)) for cells in rows
+                     if {"a red ball", "a blue cube"} & set(cells)]
+            assert len(shown) == len(children) and shown == sorted(shown, reverse=True), shown
             page.screenshot(path=str(ARTIFACTS / "dashboard-experiment.png"))
 
             page.goto(f"{base}/#/experiments/{experiment_id}/runs/{children[0].info.run_id}")
