@@ -7,18 +7,13 @@ from pathlib import Path
 
 import torch
 
+from dreamfusion.bench_text import word_level_tokenizer
+
 WORDS = ["a", "red", "ball", "blue", "cube", "cat", "green", "dog", "front", "side", "back", "overhead", "view", ","]
 
 
 def tokenizer(max_length: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    word_level.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="[PAD]", unk_token="[UNK]",
-                                   model_max_length=max_length)
+    return word_level_tokenizer(WORDS, max_length)
 
 
 def _scheduler(**kwargs):
