@@ -92,7 +92,10 @@ class RenderConfig:
     occupancy_grid: bool = True
     occupancy_resolution: int = 32
     occupancy_update_every: int = 16
-    occupancy_threshold: float = 0.05
+    # A cell is empty when its density, over one march step (2 / samples_per_ray), would dim a ray by
+    # less than this optical thickness, or when it is below the grid's mean density (see OccupancyGrid).
+    occupancy_threshold: float = 0.01
+    occupancy_warmup_steps: int = 64  # steps before the grid skips anything (it is updated from step 0)
     shading_ratios: tuple[float, float, float] = (0.2, 0.5, 0.3)
     albedo_warmup_fraction: float = 0.1
     ambient: float = 0.3
@@ -106,7 +109,7 @@ class RenderConfig:
         _in_range(self, "batch_size", 1, 256)
         _in_range(self, "occupancy_resolution", 4, 256)
         _positive(self, "occupancy_update_every")
-        _non_negative(self, "occupancy_threshold")
+        _non_negative(self, "occupancy_threshold", "occupancy_warmup_steps")
         if len(self.shading_ratios) != 3 or min(self.shading_ratios) < 0 or sum(self.shading_ratios) <= 0:
             raise UserInputError(
                 "render.shading_ratios needs three non-negative weights (albedo, lambertian, textureless) "

@@ -25,18 +25,22 @@ class NoSurfaceError(ValueError):
 
 @torch.no_grad()
 def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: float = 10.0,
-                 chunk: int = 2**18) -> trimesh.Trimesh:
-    """Marching cubes on the density over [-1, 1]^3; vertex colours from the albedo."""
+                 chunk: int = 2**18, occupancy: OccupancyGrid | None = None) -> trimesh.Trimesh:
+    """Marching cubes on the density over [-1, 1]^3; vertex colours from the albedo. With an occupancy
+    grid, only points in its occupied cells are evaluated (the rest are empty space: density 0)."""
     device = module_device(field)
     axis = torch.linspace(-1.0, 1.0, resolution, device=device)
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-    densities = []
-    for start in range(0, grid.shape[0], chunk):
-        log_density, _ = field.log_density_and_albedo(grid[start : start + chunk])
-        densities.append(density_from_log(log_density))
-    volume = torch.cat(densities).reshape(resolution, resolution, resolution)
-    outside = grid.norm(dim=-1).reshape(volume.shape) > 1.0
-    volume = torch.where(outside, torch.zeros_like(volume), volume).cpu().numpy()
+    wanted = grid.norm(dim=-1) <= 1.0
+    if occupancy is not None:
+        wanted &= occupancy.contains(grid)
+    points = grid[wanted]
+    densities = [density_from_log(field.log_density_and_albedo(points[start : start + chunk])[0])
+                 for start in range(0, points.shape[0], chunk)]
+    volume = torch.zeros(grid.shape[0], device=device)
+    if densities:
+        volume[wanted] = torch.cat(densities).float()
+    volume = volume.reshape(resolution, resolution, resolution).cpu().numpy()
     if not (volume.max() > density_threshold > volume.min()):
         raise NoSurfaceError(
             f"the density never crosses {density_threshold} (range {volume.min():.3g}..{volume.max():.3g}): "

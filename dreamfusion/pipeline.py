@@ -73,7 +73,8 @@ def export_artifacts(trainer: Trainer, directory: Path) -> tuple[dict[str, Path]
     paths: dict[str, Path] = {}
     warnings: list[str] = []
     try:
-        mesh = extract_mesh(trainer.field, cfg.export.mesh_resolution, cfg.export.density_threshold)
+        mesh = extract_mesh(trainer.field, cfg.export.mesh_resolution, cfg.export.density_threshold,
+                            occupancy=trainer.occupancy)
     except NoSurfaceError as exc:
         warnings.append(f"no mesh or viewer exported: {exc}")
     else:

@@ -12,6 +12,7 @@ from dreamfusion.cameras import CameraBatch, generate_rays
 from dreamfusion.field import RadianceField, density_from_log
 from triton_kernels import composite, march_rays, occupancy_update
 from triton_kernels import resolve as resolve_backend
+from triton_kernels.composite import STOP_TRANSMITTANCE
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
 
@@ -46,14 +47,18 @@ class RenderOutput:
 class OccupancyGrid(nn.Module):
     """A coarse grid of density over [-1, 1]^3; samples in empty cells are never sent to the field.
 
-    Each update takes the density at one random point per cell and keeps ``max(decay * old, new)``;
-    the occupied set is dilated by one cell so surfaces can still grow into neighbouring space.
+    Each update takes the density at one random point per cell and keeps ``max(decay * old, new)``.
+    A cell is occupied when its density exceeds a threshold that follows the field: the grid's mean
+    density (as Instant-NGP and stable-dreamfusion clip it), capped at the density whose optical
+    thickness over one march step is ``min_optical_thickness`` (a sample that would make the ray
+    lose less light than that is not worth evaluating). The occupied set is dilated by one cell so
+    surfaces stay free to grow into neighbouring space.
     """
 
-    def __init__(self, resolution: int, threshold: float, decay: float = 0.95) -> None:
+    def __init__(self, resolution: int, min_optical_thickness: float, step_size: float, decay: float = 0.95) -> None:
         super().__init__()
         self.resolution = resolution
-        self.threshold = threshold
+        self.density_cap = min_optical_thickness / step_size
         self.decay = decay
         self.register_buffer("density", torch.full((resolution,) * 3, float("inf")))
         self.register_buffer("occupied", torch.ones((resolution,) * 3, dtype=torch.bool))
@@ -66,14 +71,24 @@ class OccupancyGrid(nn.Module):
         # Random numbers come from the trainer's CPU generator on every device: one seed, one run.
         points = (cells + torch.rand(cells.shape, generator=generator).to(cells.device)) / r * 2.0 - 1.0
         log_density, _ = field.log_density_and_albedo(points)
-        fresh = density_from_log(log_density).reshape(r, r, r)
-        fresh = torch.where(points.norm(dim=-1).reshape(r, r, r) <= 1.0 + 2.0 / r, fresh, torch.zeros_like(fresh))
+        inside = (points.norm(dim=-1) <= 1.0 + 2.0 / r).reshape(r, r, r)
+        fresh = torch.where(inside, density_from_log(log_density).reshape(r, r, r), 0.0)
+        previous = torch.where(torch.isinf(self.density), 0.0, self.density)
+        # The threshold follows the density this update leaves: the mean over the bounding sphere's cells.
+        mean = torch.maximum(previous * self.decay, fresh)[inside].mean()
+        threshold = float(torch.clamp(mean, max=self.density_cap))
         updated, above = occupancy_update(
-            self.density, fresh, self.decay, self.threshold, resolve_backend(backend, self.density.device)
+            self.density, fresh, self.decay, threshold, resolve_backend(backend, self.density.device)
         )
         self.density.copy_(updated)
         dense = above.float()[None, None]
         self.occupied.copy_(F.max_pool3d(dense, kernel_size=3, stride=1, padding=1)[0, 0] > 0)
+
+    def contains(self, points: torch.Tensor) -> torch.Tensor:
+        """Whether each of ``points`` ``[N, 3]`` lies in an occupied cell (the cell rule of ``march_rays``)."""
+        r = self.resolution
+        cell = ((points + 1.0) * 0.5 * r).long().clamp(0, r - 1)
+        return self.occupied[cell[:, 0], cell[:, 1], cell[:, 2]]
 
     @property
     def occupied_fraction(self) -> float:
@@ -129,6 +144,8 @@ def render(
     )
     delta = ((far - near) / samples_per_ray)[:, None].expand(rays, samples_per_ray)
     flat_keep = keep.reshape(-1).nonzero().squeeze(1)
+    if occupancy is not None and shading.needs_normals:
+        flat_keep = _before_termination(field, points, delta, flat_keep)
     sample_points = points.reshape(-1, 3)[flat_keep]
     sample_ray = flat_keep // samples_per_ray
 
@@ -175,6 +192,24 @@ def render(
         samples_evaluated=int(flat_keep.numel()),
         samples_total=rays * samples_per_ray,
     )
+
+
+@torch.no_grad()
+def _before_termination(field: RadianceField, points: torch.Tensor, delta: torch.Tensor,
+                        flat_keep: torch.Tensor) -> torch.Tensor:
+    """The samples of ``flat_keep`` a ray reaches with transmittance left (``STOP_TRANSMITTANCE``).
+
+    Early termination for shaded steps: a density-only pass (no gradients, no normals) finds where each
+    ray is spent, so the costly pass with normals never sees the samples behind a surface. Exact: the
+    compositing gives those samples zero weight and no gradient, whatever the field says there.
+    """
+    rays, samples = delta.shape
+    log_density, _ = field.log_density_and_albedo(points.reshape(-1, 3)[flat_keep])
+    optical = torch.zeros(rays * samples, device=delta.device).index_copy(
+        0, flat_keep, density_from_log(log_density).float() * delta.reshape(-1)[flat_keep]).reshape(rays, samples)
+    # As the compositing computes it, so both agree on the last sample a ray reaches.
+    transmittance = torch.exp(-(torch.cumsum(optical, dim=1) - optical))
+    return flat_keep[transmittance.reshape(-1)[flat_keep] >= STOP_TRANSMITTANCE]
 
 
 def render_batched(

@@ -70,7 +70,8 @@ class Trainer:
         self.field = NeRFField(config.field).to(self.device)
         self.guidance = (guidance or make_guidance(config, cache_dir, text_cache)).to(self.device)
         self.occupancy = (
-            OccupancyGrid(config.render.occupancy_resolution, config.render.occupancy_threshold).to(self.device)
+            OccupancyGrid(config.render.occupancy_resolution, config.render.occupancy_threshold,
+                          2.0 / config.render.samples_per_ray).to(self.device)
             if config.render.occupancy_grid
             else None
         )
@@ -128,7 +129,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(cfg.render.autocast),
                             enabled=cfg.render.autocast != "off"):
             output = render(
-                self.field, cameras, cfg.render.resolution, cfg.render.samples_per_ray, shading, self.occupancy,
+                self.field, cameras, cfg.render.resolution, cfg.render.samples_per_ray, shading,
+                self.occupancy if self.step >= cfg.render.occupancy_warmup_steps else None,
                 self.generator, cfg.field.backend,
             )
         textureless = shading.mode == "textureless"

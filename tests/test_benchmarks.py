@@ -122,3 +122,33 @@ def test_guidance_benchmark_tables_each_case_with_its_machine(tmp_path, monkeypa
     assert saved["machine"]["device"] == "cpu" and saved["command"] == "dreamfusion bench guidance --repeats 2"
     table = (tmp_path / "guidance.md").read_text()
     assert "CPU cores" in table and "| sd-1.5 | fp32 |" in table and "1.50 | 2.00 (peak_rss_gib) |" in table
+
+
+def test_text_benchmark_cases_time_a_cold_and_a_warm_cache(tmp_path, tiny_sd):
+    from dreamfusion import bench_text
+
+    cold = bench_text.run_text_case("sd-2.1-base", str(tiny_sd), str(tmp_path / "cache"))
+    warm = bench_text.run_text_case("sd-2.1-base", str(tiny_sd), str(tmp_path / "cache"))
+    assert cold["texts"] == warm["texts"] == 6 and cold["peak_rss_gib"] > 0
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 6
+
+
+def test_text_benchmark_tables_each_case_with_its_machine(tmp_path, monkeypatch):
+    """The cases' own processes are stood in for: T5-XXL takes minutes and 10 GiB on a CPU."""
+    from dreamfusion import bench_text
+
+    def case_process(case):
+        if case["kind"] == "text":
+            return {"seconds": 9.0, "peak_rss_gib": 2.0, "texts": 6}
+        if case["kind"] == "clip":
+            return {"load_seconds": 1.0, "report_seconds": 2.0, "final_seconds": 2.5, "train_step_seconds": 0.1,
+                    "views": 8, "resolution": 224, "prompts": 16}
+        return {"seconds": 0.0, "peak_rss_gib": 0.5}
+
+    monkeypatch.setattr(bench_text, "_subprocess", case_process)
+    bench_text.text(tmp_path, repeats=2, models=["if-i-xl"])
+    saved = json.loads((tmp_path / "text.json").read_text())
+    assert saved["command"] == "dreamfusion bench text --repeats 2" and set(saved["results"]["encoders"]) == {"if-i-xl"}
+    table = (tmp_path / "text.md").read_text()
+    assert "| if-i-xl (T5EncoderModel, bf16) | cold |" in table and "| if-i-xl (T5EncoderModel, bf16) | warm |" in table
+    assert "| each report that needs `clip_score` | 2.00 |" in table and "CPU cores" in table
