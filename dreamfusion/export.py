@@ -76,7 +76,7 @@ def render_turntable(field: RadianceField, frames: int, resolution: int, shading
     azimuth = torch.linspace(0.0, 360.0, frames + 1)[:-1]
     cameras = cameras_from_angles(azimuth, torch.full((frames,), elevation), torch.full((frames,), radius),
                                   torch.full((frames,), fov))
-    out = render_batched(field, cameras, resolution, samples_per_ray, shading, occupancy)
+    out = render_batched(field, cameras, resolution, samples_per_ray, shading, occupancy, deferred=True)
     return (out.rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
@@ -119,7 +119,7 @@ def render_previews(field: RadianceField, shading_for, views: int = 4, resolutio
         return image_strip(images).numpy()
 
     colour = render_batched(field, cameras, resolution, 64, shading_for("albedo"), occupancy)
-    textureless = render_batched(field, cameras, resolution, 64, shading_for("textureless"), occupancy)
+    textureless = render_batched(field, cameras, resolution, 64, shading_for("textureless"), occupancy, deferred=True)
     # Normals in [-1, 1] drawn as colour on white where the object is transparent.
     normals = textureless.normals * 0.5 + 0.5
     normals = normals * textureless.opacity + (1 - textureless.opacity)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -112,11 +112,16 @@ def render(
     occupancy: OccupancyGrid | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    deferred: bool = False,
 ) -> RenderOutput:
     """Render a batch of cameras. With a generator, sample positions are jittered (training).
 
     ``backend`` picks the ray-marching and compositing kernels (``triton_kernels.resolve``).
+    ``deferred`` (inference only) shades each pixel once, with the normal at its expected surface point,
+    instead of each sample: one normal per pixel rather than per sample, for exports and previews.
     """
+    if deferred and shading.needs_normals:
+        return _render_deferred(field, cameras, resolution, samples_per_ray, shading, occupancy, backend)
     batch = len(cameras)
     device = module_device(field)
     cameras = cameras.to(device)
@@ -195,6 +200,35 @@ def render(
 
 
 @torch.no_grad()
+def _render_deferred(field: RadianceField, cameras: CameraBatch, resolution: int, samples_per_ray: int,
+                     shading: Shading, occupancy: OccupancyGrid | None, backend: str) -> RenderOutput:
+    albedo = render(field, cameras, resolution, samples_per_ray, Shading("albedo"), occupancy, backend=backend)
+    device = albedo.rgb.device
+    origins, directions = generate_rays(cameras.to(device), resolution)
+    opacity = albedo.opacity.permute(0, 2, 3, 1).reshape(-1)
+    background = field.background(directions.reshape(-1, 3))
+    # The composited albedo without the background the render blended in.
+    surface_albedo = (albedo.rgb.permute(0, 2, 3, 1).reshape(-1, 3) - (1.0 - opacity)[:, None] * background) \
+        / opacity.clamp_min(1e-6)[:, None]
+    seen = opacity > 1e-3
+    depth = albedo.depth.permute(0, 2, 3, 1).reshape(-1) / opacity.clamp_min(1e-6)
+    points = origins.reshape(-1, 3)[seen] + directions.reshape(-1, 3)[seen] * depth[seen, None]
+    normals = torch.zeros(opacity.shape[0], 3, device=device)
+    if points.shape[0]:
+        gradient = field.log_density_albedo_and_gradient(points)[2]
+        normals[seen] = -gradient / gradient.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    light = cameras.light_directions.to(device).repeat_interleave(resolution * resolution, dim=0)
+    colour = _shade(surface_albedo.clamp(0, 1), normals, light, shading)
+    rgb = colour * opacity[:, None] + (1.0 - opacity)[:, None] * background
+
+    def image(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(cameras), resolution, resolution, -1).permute(0, 3, 1, 2)
+
+    return replace(albedo, rgb=image(rgb), normals=image(normals * opacity[:, None]),
+                   samples_evaluated=albedo.samples_evaluated + int(points.shape[0]))
+
+
+@torch.no_grad()
 def _before_termination(field: RadianceField, points: torch.Tensor, delta: torch.Tensor,
                         flat_keep: torch.Tensor) -> torch.Tensor:
     """The samples of ``flat_keep`` a ray reaches with transmittance left (``STOP_TRANSMITTANCE``).
@@ -220,14 +254,16 @@ def render_batched(
     shading: Shading,
     occupancy: OccupancyGrid | None = None,
     max_samples: int = 2**20,
+    deferred: bool = False,
 ) -> RenderOutput:
-    """Inference rendering a few cameras at a time, to bound memory at any resolution or count."""
+    """Inference rendering a few cameras at a time, to bound memory at any resolution or count
+    (``deferred``: shade each pixel once, see ``render``)."""
     per_camera = max(1, max_samples // (resolution * resolution * samples_per_ray))
     parts = []
     with torch.no_grad():
         for start in range(0, len(cameras), per_camera):
             part = cameras.slice(start, start + per_camera)
-            parts.append(render(field, part, resolution, samples_per_ray, shading, occupancy))
+            parts.append(render(field, part, resolution, samples_per_ray, shading, occupancy, deferred=deferred))
     normals = [p.normals for p in parts]
     # Inference results feed exports and metrics on the CPU, whatever device rendered them.
     return RenderOutput(

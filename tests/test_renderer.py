@@ -156,3 +156,16 @@ def test_early_termination_gives_the_gradients_of_the_dense_path():
         evaluated.append(out.samples_evaluated)
     assert evaluated[1] < evaluated[0]  # rays stopped behind the ball's surface
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_deferred_shading_matches_shading_each_sample_on_a_surface():
+    ball = SDFField(find_object("a red ball"))
+    cams = front_camera(2, azimuth=30.0, elevation=20.0)
+    for mode in ("lambertian", "textureless"):
+        each = render(ball, cams, 24, 96, Shading(mode))
+        once = render(ball, cams, 24, 96, Shading(mode), deferred=True)
+        # One normal at the expected surface point instead of the weighted mean of the samples' normals:
+        # the same on a surface, apart from the silhouette's partly covered pixels.
+        assert float((once.rgb - each.rgb).abs().mean()) < 0.01, mode
+        assert float((once.normals - each.normals).abs().mean()) < 0.02, mode
+        torch.testing.assert_close(once.opacity, each.opacity)
