@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go: the compiled Triton kernels against their references and whole
-# runs on CUDA (tests/test_triton_kernels.py, tests/test_gpu.py), then the kernel, speed, guidance
-# (where diffusers is installed) and quality benchmarks. Run from the repository root on a CUDA machine:
+# runs on CUDA (tests/test_triton_kernels.py, tests/test_gpu.py), then the kernel, speed, guidance and
+# text (where diffusers is installed: the embedding cache's start-up and the CLIP judge's cost) and
+# quality benchmarks. Run from the repository root on a CUDA machine:
 #
 #     bash infra/gpu_check.sh [OUT] [SECONDS]
 #
@@ -28,11 +29,12 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, its o
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_gpu.py
 step kernels 120 python3 -m dreamfusion.cli bench kernels --out "$out"
-step speed 180 python3 -m dreamfusion.cli bench speed --out "$out"
+step speed 300 python3 -m dreamfusion.cli bench speed --out "$out"
 # Full-size Stable Diffusion steps (random weights, nothing downloaded) need diffusers, which a bare
 # CUDA image may lack: carry its wheel (the device README says how) or pip install '.[guidance]'.
 if python3 -c "import diffusers" 2>/dev/null; then
     step guidance 300 python3 -m dreamfusion.cli bench guidance --out "$out" --repeats 3
+    step text 600 python3 -m dreamfusion.cli bench text --out "$out" --repeats 3
 else
     echo "== guidance skipped: diffusers is not installed" | tee "$out/guidance.log"
 fi
