@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -34,23 +35,19 @@ def _deepspeed_checkpoint() -> Callable[..., Any] | None:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
-                               ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(key, value)
+            # A file rendezvous, not a TCP port: trials side by side on one node would race for free ports.
+            store = tempfile.NamedTemporaryFile(prefix="dreamfusion-deepspeed-", delete=False)
+            store.close()
+            os.unlink(store.name)
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                       verbose=False)
+                                       init_method=f"file://{store.name}", rank=0, world_size=1,
+                                       auto_mpi_discovery=False, verbose=False)
         deepspeed.checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False,
                                           checkpoint_in_cpu=False, synchronize=False, profile=False)
         _deepspeed_ready = True
     return deepspeed.checkpointing.checkpoint
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _torch_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
