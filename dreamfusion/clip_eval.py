@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dreamfusion.errors import UserInputError
 from dreamfusion.export import orbit_cameras
 from dreamfusion.guidance.diffusion import load_pretrained
-from dreamfusion.renderer import render_batched
+from dreamfusion.renderer import render_surface
 from dreamfusion.text_cache import TextEmbeddingCache
 
 CLIP_SCORES = ("clip_score", "clip_score_textureless")
@@ -176,13 +176,18 @@ class ClipJudge:
 
     @torch.no_grad()
     def render_views(self, trainer) -> dict[str, torch.Tensor]:
-        """The run's object at the judge's cameras, ``{"": colour, "_textureless": ...}`` in [0, 1]."""
+        """The run's object at the judge's cameras, ``{"": colour, "_textureless": ...}`` in [0, 1]: one march
+        per view, shaded per pixel (deferred) both ways, as the turntable is."""
         azimuth = torch.arange(self.views) * (360.0 / self.views)
         cameras = orbit_cameras(azimuth, torch.full((self.views,), self.elevation))
         samples = trainer.config.export.eval_samples_per_ray
-        return {suffix: render_batched(trainer.field, cameras, self.render_resolution, samples,
-                                       trainer.shading(mode), trainer.occupancy).rgb.clamp(0, 1)
-                for suffix, mode in _MODES.items()}
+        images: dict[str, list[torch.Tensor]] = {suffix: [] for suffix in _MODES}
+        for view in range(self.views):  # a view at a time: CLIP's 224 px at 96 samples is 4.8 M samples
+            camera = cameras.slice(view, view + 1)
+            surface = render_surface(trainer.field, camera, self.render_resolution, samples, trainer.occupancy)
+            for suffix, mode in _MODES.items():
+                images[suffix].append(surface.shade(trainer.shading(mode), 1, self.render_resolution).rgb.cpu())
+        return {suffix: torch.cat(parts).clamp(0, 1) for suffix, parts in images.items()}
 
     def judge(self, trainer, prompts: list[str] | None = None) -> dict[str, float]:
         """``clip_score``s of the run; with ``prompts`` (the run's own among them, two or more), R-precision."""

@@ -121,7 +121,8 @@ def render(
     instead of each sample: one normal per pixel rather than per sample, for exports and previews.
     """
     if deferred and shading.needs_normals:
-        return _render_deferred(field, cameras, resolution, samples_per_ray, shading, occupancy, backend)
+        surface = render_surface(field, cameras, resolution, samples_per_ray, occupancy, backend)
+        return surface.shade(shading, len(cameras), resolution)
     batch = len(cameras)
     device = module_device(field)
     cameras = cameras.to(device)
@@ -199,9 +200,35 @@ def render(
     )
 
 
+@dataclass
+class Surface:
+    """What deferred shading needs of a render: per pixel, the composited albedo (without background) and
+    opacity, the normal at the expected surface point, the background and the light."""
+
+    albedo: RenderOutput
+    surface_albedo: torch.Tensor  # [P, 3]
+    opacity: torch.Tensor  # [P]
+    normals: torch.Tensor  # [P, 3], zero where nothing is seen
+    background: torch.Tensor  # [P, 3]
+    light: torch.Tensor  # [P, 3]
+    normal_points: int
+
+    def shade(self, shading: Shading, cameras: int, resolution: int) -> RenderOutput:
+        colour = _shade(self.surface_albedo.clamp(0, 1), self.normals, self.light, shading)
+        rgb = colour * self.opacity[:, None] + (1.0 - self.opacity)[:, None] * self.background
+
+        def image(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(cameras, resolution, resolution, -1).permute(0, 3, 1, 2)
+
+        return replace(self.albedo, rgb=image(rgb), normals=image(self.normals * self.opacity[:, None]),
+                       samples_evaluated=self.albedo.samples_evaluated + self.normal_points)
+
+
 @torch.no_grad()
-def _render_deferred(field: RadianceField, cameras: CameraBatch, resolution: int, samples_per_ray: int,
-                     shading: Shading, occupancy: OccupancyGrid | None, backend: str) -> RenderOutput:
+def render_surface(field: RadianceField, cameras: CameraBatch, resolution: int, samples_per_ray: int,
+                   occupancy: OccupancyGrid | None = None, backend: str = "auto") -> Surface:
+    """An albedo render and one normal per pixel at its expected surface point: any shading of it follows
+    without another march (``Surface.shade``)."""
     albedo = render(field, cameras, resolution, samples_per_ray, Shading("albedo"), occupancy, backend=backend)
     device = albedo.rgb.device
     origins, directions = generate_rays(cameras.to(device), resolution)
@@ -218,14 +245,7 @@ def _render_deferred(field: RadianceField, cameras: CameraBatch, resolution: int
         gradient = field.log_density_albedo_and_gradient(points)[2]
         normals[seen] = -gradient / gradient.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     light = cameras.light_directions.to(device).repeat_interleave(resolution * resolution, dim=0)
-    colour = _shade(surface_albedo.clamp(0, 1), normals, light, shading)
-    rgb = colour * opacity[:, None] + (1.0 - opacity)[:, None] * background
-
-    def image(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(len(cameras), resolution, resolution, -1).permute(0, 3, 1, 2)
-
-    return replace(albedo, rgb=image(rgb), normals=image(normals * opacity[:, None]),
-                   samples_evaluated=albedo.samples_evaluated + int(points.shape[0]))
+    return Surface(albedo, surface_albedo, opacity, normals, background, light, int(points.shape[0]))
 
 
 @torch.no_grad()
