@@ -1,71 +1,23 @@
-"""Exports of a trained field: mesh (.glb/.obj/.ply), turntable video (.webm/.gif), offline HTML viewer."""
+"""Exports of a trained field: turntable video (.webm/.gif), previews, progress, the offline HTML viewer
+(the mesh files: ``dreamfusion.mesh``)."""
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
 import torch
-import trimesh
 from PIL import Image, ImageDraw
-from skimage import measure
 
 from dreamfusion.cameras import CameraBatch, cameras_from_angles
-from dreamfusion.field import RadianceField, density_from_log
-from dreamfusion.renderer import OccupancyGrid, Shading, module_device, render_batched
-
-
-class NoSurfaceError(ValueError):
-    """The density never reaches the mesh threshold: the optimisation ended with an empty scene."""
-
-
-@torch.no_grad()
-def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: float = 10.0,
-                 chunk: int = 2**18, occupancy: OccupancyGrid | None = None) -> trimesh.Trimesh:
-    """Marching cubes on the density over [-1, 1]^3; vertex colours from the albedo. With an occupancy
-    grid, only points in its occupied cells are evaluated (the rest are empty space: density 0)."""
-    device = module_device(field)
-    axis = torch.linspace(-1.0, 1.0, resolution, device=device)
-    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-    wanted = grid.norm(dim=-1) <= 1.0
-    if occupancy is not None:
-        wanted &= occupancy.contains(grid)
-    points = grid[wanted]
-    densities = [density_from_log(field.log_density_and_albedo(points[start : start + chunk])[0])
-                 for start in range(0, points.shape[0], chunk)]
-    volume = torch.zeros(grid.shape[0], device=device)
-    if densities:
-        volume[wanted] = torch.cat(densities).float()
-    volume = volume.reshape(resolution, resolution, resolution).cpu().numpy()
-    if not (volume.max() > density_threshold > volume.min()):
-        raise NoSurfaceError(
-            f"the density never crosses {density_threshold} (range {volume.min():.3g}..{volume.max():.3g}): "
-            "nothing to mesh; train longer or lower export.density_threshold"
-        )
-    vertices, faces, _, _ = measure.marching_cubes(volume, level=density_threshold)
-    vertices = vertices / (resolution - 1) * 2.0 - 1.0
-    colours = []
-    vertex_tensor = torch.from_numpy(vertices.astype(np.float32)).to(device)
-    for start in range(0, vertex_tensor.shape[0], chunk):
-        _, albedo = field.log_density_and_albedo(vertex_tensor[start : start + chunk])
-        colours.append(albedo)
-    rgb = (torch.cat(colours).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
-    rgba = np.concatenate([rgb, np.full((rgb.shape[0], 1), 255, np.uint8)], axis=1)
-    # marching_cubes winds faces for a field that grows inwards; flip so normals point outwards.
-    return trimesh.Trimesh(vertices=vertices, faces=faces[:, ::-1], vertex_colors=rgba, process=False)
-
-
-def write_meshes(mesh: trimesh.Trimesh, directory: Path, stem: str = "mesh") -> dict[str, Path]:
-    paths = {}
-    for kind in ("glb", "obj", "ply"):
-        path = directory / f"{stem}.{kind}"
-        mesh.export(path, file_type=kind)
-        paths[f"mesh_{kind}"] = path
-    return paths
+from dreamfusion.field import RadianceField
+from dreamfusion.mesh import TexturedMesh
+from dreamfusion.renderer import OccupancyGrid, Shading, render_batched
 
 
 @torch.no_grad()
@@ -186,7 +138,7 @@ function decode(b64, Type) {
 }
 const positions = decode(mesh.positions, Float32Array);
 const normals = decode(mesh.normals, Float32Array);
-const colors = decode(mesh.colors, Uint8Array);
+const uvs = decode(mesh.uvs, Float32Array);
 const indices = decode(mesh.indices, Uint32Array);
 const canvas = document.getElementById("view");
 const gl = canvas.getContext("webgl", {preserveDrawingBuffer: true});
@@ -197,13 +149,13 @@ function shader(type, src) {
 }
 const program = gl.createProgram();
 gl.attachShader(program, shader(gl.VERTEX_SHADER, `
-attribute vec3 p; attribute vec3 n; attribute vec3 c;
-uniform mat4 mvp; uniform mat4 model; varying vec3 vn; varying vec3 vc;
-void main(){ gl_Position = mvp * vec4(p, 1.0); vn = (model * vec4(n, 0.0)).xyz; vc = c; }`));
+attribute vec3 p; attribute vec3 n; attribute vec2 t;
+uniform mat4 mvp; uniform mat4 model; varying vec3 vn; varying vec2 vt;
+void main(){ gl_Position = mvp * vec4(p, 1.0); vn = (model * vec4(n, 0.0)).xyz; vt = t; }`));
 gl.attachShader(program, shader(gl.FRAGMENT_SHADER, `
-precision mediump float; varying vec3 vn; varying vec3 vc;
+precision mediump float; varying vec3 vn; varying vec2 vt; uniform sampler2D albedo;
 void main(){ float l = 0.35 + 0.65 * abs(dot(normalize(vn), normalize(vec3(0.3, 0.5, 1.0))));
-gl_FragColor = vec4(vc * l, 1.0); }`));
+gl_FragColor = vec4(texture2D(albedo, vec2(vt.x, 1.0 - vt.y)).rgb * l, 1.0); }`));
 gl.linkProgram(program); gl.useProgram(program);
 function buffer(data, name, size, type, normalized) {
   const b = gl.createBuffer(); gl.bindBuffer(gl.ARRAY_BUFFER, b);
@@ -213,7 +165,20 @@ function buffer(data, name, size, type, normalized) {
 }
 buffer(positions, "p", 3, gl.FLOAT, false);
 buffer(normals, "n", 3, gl.FLOAT, false);
-buffer(colors, "c", 3, gl.UNSIGNED_BYTE, true);
+buffer(uvs, "t", 2, gl.FLOAT, false);
+// The baked albedo, inlined as a data: URL (no request leaves the page); any size, so no mipmaps.
+const texture = gl.createTexture();
+gl.bindTexture(gl.TEXTURE_2D, texture);
+gl.texImage2D(gl.TEXTURE_2D, 0, gl.RGB, 1, 1, 0, gl.RGB, gl.UNSIGNED_BYTE, new Uint8Array([200, 200, 200]));
+const image = new Image();
+image.onload = () => {
+  gl.bindTexture(gl.TEXTURE_2D, texture);
+  gl.texImage2D(gl.TEXTURE_2D, 0, gl.RGB, gl.RGB, gl.UNSIGNED_BYTE, image);
+  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MIN_FILTER, gl.LINEAR);
+  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_WRAP_S, gl.CLAMP_TO_EDGE);
+  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_WRAP_T, gl.CLAMP_TO_EDGE);
+};
+image.src = "data:image/png;base64," + mesh.texture;
 const ib = gl.createBuffer(); gl.bindBuffer(gl.ELEMENT_ARRAY_BUFFER, ib);
 gl.bufferData(gl.ELEMENT_ARRAY_BUFFER, indices, gl.STATIC_DRAW);
 let yaw = 0.6, pitch = 0.3, distance = 3.2, dragging = false, lastX = 0, lastY = 0, auto = true;
@@ -260,13 +225,15 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
-def write_viewer(mesh: trimesh.Trimesh, path: Path, title: str) -> Path:
-    """A single HTML file with the mesh inlined; it makes no network request (MLflow shows it)."""
-    colours = np.asarray(mesh.visual.vertex_colors)[:, :3].astype(np.uint8)
+def write_viewer(mesh: TexturedMesh, path: Path, title: str) -> Path:
+    """A single HTML file with the textured mesh inlined; it makes no network request (MLflow shows it)."""
+    png = io.BytesIO()
+    Image.fromarray(mesh.texture).save(png, format="PNG", optimize=True)
     payload = {
         "positions": _b64(np.asarray(mesh.vertices, dtype=np.float32)),
-        "normals": _b64(np.asarray(mesh.vertex_normals, dtype=np.float32)),
-        "colors": _b64(colours),
+        "normals": _b64(mesh.normals()),
+        "uvs": _b64(np.asarray(mesh.uv, dtype=np.float32)),
+        "texture": base64.b64encode(png.getvalue()).decode("ascii"),
         "indices": _b64(np.asarray(mesh.faces, dtype=np.uint32)),
     }
     text = (

@@ -17,6 +17,7 @@ import yaml
 from dreamfusion.clip_eval import CLIP_METRICS, CLIP_SCORES, ranking_prompts, read_prompt_set
 from dreamfusion.config import MAX_PROMPT_CHARS, Config, apply_backend_defaults, flatten_keys, known_keys, set_value
 from dreamfusion.errors import UserInputError
+from dreamfusion.mesh import MESH_METRICS
 
 ALGORITHMS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -29,7 +30,8 @@ EVAL_METRICS = ("silhouette_iou", "psnr", "r_precision_colour", "r_precision_tex
                 "janus_rate", "front_recall")
 # CLIP's judgement, on any backend with eval.clip_model: the scores at the end of each trial and at every
 # report when a scheduler or searcher needs them; R-precision among the sweep's prompts at the end only.
-RESULT_METRICS = EVAL_METRICS + CLIP_METRICS
+# The exported mesh against the field's renders, at the end of each trial (any backend).
+RESULT_METRICS = EVAL_METRICS + CLIP_METRICS + MESH_METRICS
 RESERVED_KEYS = ("prompt", "seed")  # set by the sweep's own fields, one trial per value
 TOP_LEVEL = {
     "name": "a sweep name (letters, digits, '-', '_', '.'), e.g. name: quickstart",

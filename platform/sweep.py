@@ -30,6 +30,7 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from dreamfusion.errors import UserInputError
+from dreamfusion.mesh import MESH_METRICS
 from dreamfusion.pipeline import warm_text_cache
 from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion_platform import tracking
@@ -277,6 +278,7 @@ def dashboard_columns(spec: SweepSpec) -> list[str]:
         metrics += ["silhouette_iou", "r_precision_colour", "r_precision_textureless"]
     if spec.clip_model:
         metrics += ["clip_score", "clip_r_precision", "clip_r_precision_textureless"]
+    metrics += MESH_METRICS
     params = ["prompt", "seed", *(d.key for d in spec.space)]
     return [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in dict.fromkeys(metrics)]
 
@@ -391,7 +393,8 @@ def dashboard_links(workspace: Path, base: str) -> list[tuple[str, str]]:
 def format_table(table) -> str:
     columns = [c for c in ("prompt", "seed") if c in table]
     columns += [c for c in table.columns if "." in c]
-    columns += [c for c in ("status", *RESULT_METRICS[:4], *CLIP_SHOWN, "loss", "wall_seconds") if c in table]
+    columns += [c for c in ("status", *RESULT_METRICS[:4], *CLIP_SHOWN, *MESH_METRICS, "loss",
+                                        "wall_seconds") if c in table]
     shown = table[columns].copy()
     shown["prompt"] = shown["prompt"].str.slice(0, 32)
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")

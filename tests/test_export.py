@@ -6,7 +6,8 @@ import pytest
 import torch
 import trimesh
 
-from dreamfusion.export import extract_mesh, render_turntable, write_meshes, write_progress, write_videos, write_viewer
+from dreamfusion.export import render_turntable, write_progress, write_videos, write_viewer
+from dreamfusion.mesh import bake_texture, extract_mesh, write_textured
 from dreamfusion.prior.shapes import SDFField, find_object
 from dreamfusion.renderer import Shading
 
@@ -16,11 +17,16 @@ def cube_mesh():
     return extract_mesh(SDFField(find_object("a blue cube")), resolution=48, density_threshold=10.0)
 
 
-def test_mesh_files_load_back_with_the_object_bounds(cube_mesh, tmp_path):
-    paths = write_meshes(cube_mesh, tmp_path)
-    assert set(paths) == {"mesh_glb", "mesh_obj", "mesh_ply"}
-    for path in paths.values():
-        loaded = trimesh.load(path, force="mesh")
+@pytest.fixture(scope="module")
+def cube_textured(cube_mesh):
+    return bake_texture(SDFField(find_object("a blue cube")), cube_mesh, 128)
+
+
+def test_mesh_files_load_back_with_the_object_bounds(cube_mesh, cube_textured, tmp_path):
+    paths = write_textured(cube_textured, cube_mesh, tmp_path)
+    assert set(paths) == {"mesh_glb", "mesh_obj", "mesh_mtl", "texture_png", "mesh_ply"}
+    for key in ("mesh_glb", "mesh_obj", "mesh_ply"):
+        loaded = trimesh.load(paths[key], force="mesh")
         assert len(loaded.faces) > 100
         np.testing.assert_allclose(loaded.bounds, [[-0.42] * 3, [0.42] * 3], atol=0.05)
     assert cube_mesh.is_watertight
@@ -29,13 +35,13 @@ def test_mesh_files_load_back_with_the_object_bounds(cube_mesh, tmp_path):
     assert colours[:, 2].mean() > colours[:, 0].mean()  # blue
 
 
-def test_viewer_is_self_contained(cube_mesh, tmp_path):
-    path = write_viewer(cube_mesh, tmp_path / "viewer.html", "a <blue> cube")
+def test_viewer_is_self_contained(cube_textured, tmp_path):
+    path = write_viewer(cube_textured, tmp_path / "viewer.html", "a <blue> cube")
     text = path.read_text()
     assert not re.search(r"(https?:)?//[\w.-]+\.[a-z]{2,}", text), "viewer must make no network request"
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)
     assert "a &lt;blue&gt; cube" in text and "<blue>" not in text
-    assert '"indices"' in text and "webgl" in text
+    assert '"indices"' in text and '"uvs"' in text and '"texture"' in text and "webgl" in text
 
 
 def test_turntable_videos_decode(tmp_path):

@@ -59,9 +59,14 @@ def test_prompts_with_control_characters_or_thousands_of_characters_are_refused(
 
 
 def test_viewer_title_is_escaped(tmp_path):
+    import numpy as np
     import trimesh
 
-    mesh = trimesh.creation.box()
+    from dreamfusion.mesh import TexturedMesh
+
+    box = trimesh.creation.box()
+    mesh = TexturedMesh(np.asarray(box.vertices, np.float32), np.asarray(box.faces), np.zeros((len(box.vertices), 2),
+                        np.float32), np.zeros((4, 4, 3), np.uint8))
     html = write_viewer(mesh, tmp_path / "viewer.html", '</script><img src=x onerror="alert(1)">').read_text()
     assert "onerror=\"alert" not in html and "&lt;/script&gt;" in html
 
