@@ -99,6 +99,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dreamfusion.bench_text import text
 
         text(Path(args.out), repeats=args.repeats)
+    elif args.which == "export":
+        from dreamfusion.bench_export import export
+
+        export(Path(args.out))
     else:
         prompts = args.prompts.split(";") if args.prompts else None
         ablation_prompts = args.ablation_prompts.split(";") if args.ablation_prompts else None
@@ -134,9 +138,9 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.A
     prompts = sub.add_parser("prompts", help="list the synthetic prior's prompts")
     prompts.set_defaults(func=_cmd_prompts)
 
-    bench = sub.add_parser("bench", help="speed, kernels, guidance, text (embedding cache and CLIP judge) or "
-                                         "quality benchmark; writes JSON and Markdown")
-    bench.add_argument("which", choices=("speed", "quality", "kernels", "guidance", "text"))
+    bench = sub.add_parser("bench", help="speed, kernels, guidance, text (embedding cache and CLIP judge), export "
+                                         "(mesh cost and fidelity) or quality benchmark; writes JSON and Markdown")
+    bench.add_argument("which", choices=("speed", "quality", "kernels", "guidance", "text", "export"))
     bench.add_argument("--out", default="docs/benchmarks", help="directory for the results")
     bench.add_argument("--repeats", type=int, default=7, help="timed repeats per case (speed, kernels, guidance, text)")
     bench.add_argument("--prompts", help="';'-separated subset of prompts (quality)")

@@ -231,7 +231,7 @@ def write_viewer(mesh: TexturedMesh, path: Path, title: str) -> Path:
     Image.fromarray(mesh.texture).save(png, format="PNG", optimize=True)
     payload = {
         "positions": _b64(np.asarray(mesh.vertices, dtype=np.float32)),
-        "normals": _b64(mesh.normals()),
+        "normals": _b64(mesh.normals),
         "uvs": _b64(np.asarray(mesh.uv, dtype=np.float32)),
         "texture": base64.b64encode(png.getvalue()).decode("ascii"),
         "indices": _b64(np.asarray(mesh.faces, dtype=np.uint32)),

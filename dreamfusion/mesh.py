@@ -113,27 +113,28 @@ def albedo_colours(field: RadianceField, points: np.ndarray, chunk: int = 2**18)
 
 @dataclass
 class TexturedMesh:
-    """A mesh unwrapped into one texture: ``uv`` per vertex in [0, 1] (OBJ's convention, v upwards) and the
-    albedo texture (``[S, S, 3]`` uint8, row 0 at the top)."""
+    """A mesh unwrapped into one texture: ``uv`` per vertex in [0, 1] (OBJ's convention, v upwards), the
+    albedo texture (``[S, S, 3]`` uint8, row 0 at the top) and unit vertex ``normals``."""
 
     vertices: np.ndarray  # [V, 3] float32
     faces: np.ndarray  # [F, 3] int64
     uv: np.ndarray  # [V, 2] float32
     texture: np.ndarray  # [S, S, 3] uint8
-
-    def normals(self) -> np.ndarray:
-        """``[V, 3]`` float32 unit vertex normals (area-weighted face normals)."""
-        return np.asarray(trimesh.Trimesh(self.vertices, self.faces, process=False).vertex_normals, np.float32)
+    # Taken from the mesh before it was cut along the chart seams: normals computed on the cut mesh would
+    # average only one side's faces at a seam and show every chart's outline under lighting.
+    normals: np.ndarray  # [V, 3] float32
 
     def trimesh(self) -> trimesh.Trimesh:
         material = trimesh.visual.material.PBRMaterial(
             baseColorTexture=Image.fromarray(self.texture), metallicFactor=0.0, roughnessFactor=1.0)
         visual = trimesh.visual.TextureVisuals(uv=self.uv, material=material)
-        return trimesh.Trimesh(vertices=self.vertices, faces=self.faces, visual=visual, process=False)
+        return trimesh.Trimesh(vertices=self.vertices, faces=self.faces, vertex_normals=self.normals, visual=visual,
+                               process=False)
 
 
-def unwrap(mesh: trimesh.Trimesh, texture_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """xatlas charts packed into a ``texture_size`` square: vertices (split at seams), faces and UVs."""
+def unwrap(mesh: trimesh.Trimesh, texture_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas charts packed into a ``texture_size`` square: vertices (split at seams), faces, UVs and, for each
+    new vertex, the index of the ``mesh`` vertex it was split from."""
     atlas = xatlas.Atlas()
     atlas.add_mesh(np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.uint32))
     pack = xatlas.PackOptions()
@@ -142,7 +143,8 @@ def unwrap(mesh: trimesh.Trimesh, texture_size: int) -> tuple[np.ndarray, np.nda
     pack.bilinear = True
     atlas.generate(pack_options=pack)
     vmapping, faces, uv = atlas[0]
-    return np.asarray(mesh.vertices, dtype=np.float32)[vmapping], faces.astype(np.int64), uv.astype(np.float32)
+    vertices = np.asarray(mesh.vertices, dtype=np.float32)[vmapping]
+    return vertices, faces.astype(np.int64), uv.astype(np.float32), vmapping.astype(np.int64)
 
 
 def _rasterise_uv(uv: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -188,7 +190,7 @@ def _pad_charts(texture: torch.Tensor, filled: torch.Tensor, texels: int) -> tor
 @torch.no_grad()
 def bake_texture(field: RadianceField, mesh: trimesh.Trimesh, texture_size: int, chunk: int = 2**18) -> TexturedMesh:
     """Unwrap ``mesh`` and fill its texture with the field's albedo at each texel's surface point."""
-    vertices, faces, uv = unwrap(mesh, texture_size)
+    vertices, faces, uv, source = unwrap(mesh, texture_size)
     texel, face, weights = _rasterise_uv(uv, faces, texture_size)
     points = (vertices[faces[face]] * weights[..., None]).sum(axis=1)
     colours = torch.from_numpy(albedo_colours(field, points, chunk)[:, :3]).float() / 255.0
@@ -199,7 +201,7 @@ def bake_texture(field: RadianceField, mesh: trimesh.Trimesh, texture_size: int,
     padded = _pad_charts(texture.reshape(texture_size, texture_size, 3),
                          filled.reshape(texture_size, texture_size), SEAM_PADDING_TEXELS)
     image = (padded.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    return TexturedMesh(vertices, faces, uv, image)
+    return TexturedMesh(vertices, faces, uv, image, np.asarray(mesh.vertex_normals, np.float32)[source])
 
 
 def write_textured(textured: TexturedMesh, coloured: trimesh.Trimesh, directory: Path) -> dict[str, Path]:
@@ -208,10 +210,10 @@ def write_textured(textured: TexturedMesh, coloured: trimesh.Trimesh, directory:
     paths = {"mesh_glb": directory / "mesh.glb", "mesh_obj": directory / "mesh.obj",
              "mesh_mtl": directory / "mesh.mtl", "texture_png": directory / "albedo.png",
              "mesh_ply": directory / "mesh.ply"}
-    textured.trimesh().export(paths["mesh_glb"], file_type="glb")
+    textured.trimesh().export(paths["mesh_glb"], file_type="glb", include_normals=True)
     Image.fromarray(textured.texture).save(paths["texture_png"], optimize=True)
     paths["mesh_mtl"].write_text("newmtl albedo\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd albedo.png\n")
-    normals = textured.normals()
+    normals = textured.normals
     lines = ["mtllib mesh.mtl", "usemtl albedo"]
     lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in textured.vertices]
     lines += [f"vt {u:.6f} {v:.6f}" for u, v in textured.uv]

@@ -236,7 +236,7 @@ def evaluate_run(directory: Path, cache_dir: Path | None = None, clip_model: str
                  prompt_set: Path | None = None) -> dict[str, float]:
     """Recompute a finished run's metrics from its checkpoint and update its summary. CLIP metrics with
     ``clip_model`` (or the run's own ``eval.clip_model``); R-precision among ``prompt_set`` (or the run's
-    ``eval.clip_prompt_set``)."""
+    ``eval.clip_prompt_set``). Returns the summary's metrics: those recomputed and the export's mesh fidelity."""
     trainer, summary = load_run(directory, cache_dir)
     config = trainer.config
     if clip_model:
@@ -252,4 +252,4 @@ def evaluate_run(directory: Path, cache_dir: Path | None = None, clip_model: str
     tmp = Path(directory) / (SUMMARY + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, Path(directory) / SUMMARY)
-    return metrics
+    return summary["metrics"]

@@ -90,6 +90,9 @@ def test_dashboard_shows_the_sweep_and_the_viewer_draws_the_mesh(tmp_path):
             page.goto(viewer.as_uri())
             page.wait_for_timeout(2000)
             page.locator("canvas").screenshot(path=str(ARTIFACTS / "viewer-canvas.png"))
+            page.goto(red_ball_viewer(tmp_path).as_uri())  # the texture's colour, on a field whose colour is known
+            page.wait_for_timeout(2000)
+            page.locator("canvas").screenshot(path=str(ARTIFACTS / "viewer-red-ball.png"))
             browser.close()
     finally:
         ui.terminate()
@@ -99,3 +102,17 @@ def test_dashboard_shows_the_sweep_and_the_viewer_draws_the_mesh(tmp_path):
     background = canvas[2, 2]
     drawn = np.abs(canvas - background).sum(-1) > 30
     assert drawn.mean() > 0.01, "the viewer's canvas is blank"
+    red = np.asarray(Image.open(ARTIFACTS / "viewer-red-ball.png").convert("RGB")).astype(float)
+    ball = red[np.abs(red - red[2, 2]).sum(-1) > 30]
+    assert len(ball) > 0.05 * red.shape[0] * red.shape[1], "the red ball's viewer drew nothing"
+    reddish = (ball[:, 0] > 1.5 * ball[:, 1]) & (ball[:, 0] > 1.5 * ball[:, 2])
+    assert reddish.mean() > 0.8, f"the ball is not red on the canvas (mean colour {ball.mean(0)})"
+
+
+def red_ball_viewer(directory: Path) -> Path:
+    from dreamfusion.export import write_viewer
+    from dreamfusion.mesh import bake_texture, extract_mesh
+    from dreamfusion.prior.shapes import SDFField, find_object
+
+    field = SDFField(find_object("a red ball"))
+    return write_viewer(bake_texture(field, extract_mesh(field, 48), 128), directory / "red.html", "a red ball")

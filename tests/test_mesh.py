@@ -83,6 +83,15 @@ def test_glb_obj_mtl_png_and_ply_load_back_textured(house, tmp_path):
     assert isinstance(obj.visual, trimesh.visual.TextureVisuals) and obj.visual.material.image.size == (256, 256)
     assert "map_Kd albedo.png" in paths["mesh_mtl"].read_text()
     assert Image.open(paths["texture_png"]).size == (256, 256)
+    # One normal per surface point, written to the file: the copies of a vertex cut along a chart seam share it
+    # (trimesh.load recomputes normals, so the file's own are read).
+    with paths["mesh_glb"].open("rb") as file:
+        stored = next(iter(trimesh.exchange.gltf.load_glb(file)["geometry"].values()))["vertex_normals"]
+    np.testing.assert_allclose(stored, textured.normals, atol=1e-6)
+    seams = np.unique(textured.vertices, axis=0, return_inverse=True)[1]
+    assert len(np.unique(seams)) < len(seams)  # the unwrap did cut seams
+    for copies in (np.flatnonzero(seams == group) for group in np.unique(seams)[:200]):
+        np.testing.assert_allclose(textured.normals[copies], textured.normals[copies[:1]].repeat(len(copies), 0))
     ply = trimesh.load(paths["mesh_ply"], force="mesh")
     assert np.asarray(ply.visual.vertex_colors).shape == (len(ply.vertices), 4)
 
@@ -93,7 +102,8 @@ def test_mesh_fidelity_is_high_for_an_exact_mesh_and_drops_when_the_texture_is_s
     exact = mesh_fidelity(field, textured.trimesh(), cameras, FIDELITY_RESOLUTION, 64)
     assert exact["mesh_psnr"] > MESH_PSNR_WARNING + 4 and exact["mesh_silhouette_iou"] > MESH_IOU_WARNING + 0.08
     rng = np.random.default_rng(0)
-    scrambled = TexturedMesh(textured.vertices, textured.faces, rng.permutation(textured.uv), textured.texture)
+    scrambled = TexturedMesh(textured.vertices, textured.faces, rng.permutation(textured.uv), textured.texture,
+                             textured.normals)
     worse = mesh_fidelity(field, scrambled.trimesh(), cameras, FIDELITY_RESOLUTION, 64)
     assert worse["mesh_psnr"] < MESH_PSNR_WARNING < exact["mesh_psnr"] - 4
     assert worse["mesh_silhouette_iou"] == pytest.approx(exact["mesh_silhouette_iou"])  # same geometry

@@ -22,7 +22,8 @@ from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
 
-EXPECTED_ARTIFACTS = {"mesh.glb", "mesh.obj", "mesh.ply", "turntable.webm", "turntable.gif", "viewer.html",
+EXPECTED_ARTIFACTS = {"mesh.glb", "mesh.obj", "mesh.mtl", "albedo.png", "mesh.ply", "turntable.webm", "turntable.gif",
+                      "viewer.html",
                       "renders_colour.png", "renders_textureless.png", "renders_normals.png", "progress.png",
                       "summary.json", "checkpoint.pt"}
 

@@ -42,7 +42,7 @@ def test_full_or_read_only_disk_during_export_leaves_nothing(tmp_path, monkeypat
     def refuse(*args, **kwargs):
         raise OSError(code, "No space left on device" if code == errno.ENOSPC else "Permission denied")
 
-    monkeypatch.setattr("dreamfusion.pipeline.write_meshes", refuse)
+    monkeypatch.setattr("dreamfusion.pipeline.write_textured", refuse)
     out = tmp_path / "run"
     with pytest.raises(UserInputError, match="nothing was left there"):
         run_prompt(tiny_config("a red ball", iterations=2), out)

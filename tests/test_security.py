@@ -66,7 +66,7 @@ def test_viewer_title_is_escaped(tmp_path):
 
     box = trimesh.creation.box()
     mesh = TexturedMesh(np.asarray(box.vertices, np.float32), np.asarray(box.faces), np.zeros((len(box.vertices), 2),
-                        np.float32), np.zeros((4, 4, 3), np.uint8))
+                        np.float32), np.zeros((4, 4, 3), np.uint8), np.asarray(box.vertex_normals, np.float32))
     html = write_viewer(mesh, tmp_path / "viewer.html", '</script><img src=x onerror="alert(1)">').read_text()
     assert "onerror=\"alert" not in html and "&lt;/script&gt;" in html
 
