@@ -29,9 +29,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from dreamfusion_platform.sweep import dashboard_links, format_table, run_sweep
 
     table = run_sweep(Path(args.spec), Path(args.workspace), resume=args.resume, address=args.address,
-                      tracking_uri=args.tracking_uri)
-    print(format_table(table))
-    name = load_spec(Path(args.spec)).name
+                      tracking_uri=args.tracking_uri, verbose=args.sweep_verbose or args.verbose)
+    spec = load_spec(Path(args.spec))
+    print(format_table(table, spec.metric, spec.mode))
+    name = spec.name
     workspace = "" if args.workspace == DEFAULT_WORKSPACE else f" --workspace {args.workspace}"
     base = args.tracking_uri if args.tracking_uri and args.tracking_uri.startswith("http") else UI_BASE
     link = dict(dashboard_links(Path(args.workspace), base)).get(name, base)
@@ -69,6 +70,8 @@ def register(sub) -> None:
                                          "logged to MLflow")
     sweep.add_argument("spec", help="sweep spec (YAML), e.g. experiments/quickstart.yaml")
     sweep.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
+    sweep.add_argument("--verbose", action="store_true", dest="sweep_verbose",
+                       help="also show Ray's and Tune's own output (status boxes, log lines, the trials' logs)")
     sweep.add_argument("--address", help="Ray cluster address, or 'auto' for the cluster `ray start` made on this node "
                             "(default: a new local Ray, whatever RAY_ADDRESS says)")
     sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: a server over the workspace's store)")

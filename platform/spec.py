@@ -33,6 +33,8 @@ EVAL_METRICS = ("silhouette_iou", "psnr", "r_precision_colour", "r_precision_tex
 # The exported mesh against the field's renders, at the end of each trial (any backend).
 RESULT_METRICS = EVAL_METRICS + CLIP_METRICS + MESH_METRICS
 RESERVED_KEYS = ("prompt", "seed")  # set by the sweep's own fields, one trial per value
+SWEEP_KEYS = ("iterations", "guidance.backend", "guidance.model")  # top-level fields, the same for every trial
+CANDIDATE = "candidate"  # the trial parameter that names its candidate bundle
 TOP_LEVEL = {
     "name": "a sweep name (letters, digits, '-', '_', '.'), e.g. name: quickstart",
     "prompts": "a list of prompts, or {file: PATH} (.txt, .csv, .jsonl, .parquet)",
@@ -42,7 +44,8 @@ TOP_LEVEL = {
     "samples_per_prompt": "configurations drawn per prompt (random/optuna), or grid repeats",
     "config": "base config values, {key: value} (see `dreamfusion run --help` keys)",
     "overrides": "base config overrides as 'key=value' strings, applied after config",
-    "search": "{algorithm: grid|random|optuna, space: {KEY: {DIST: ...}}, metric: NAME, mode: max|min}",
+    "search": "{algorithm: grid|random|optuna, space: {KEY: {DIST: ...}}, candidates: {NAME: {KEY: VALUE, ...}}, "
+              "metric: NAME, mode: max|min}",
     "scheduler": "fifo, or {type: asha, metric: NAME, mode: max|min, grace_period: N, reduction_factor: N}",
     "report_every": "steps between metric reports and checkpoints",
     "resources": "{cpus: N, gpus: FRACTION} per trial",
@@ -84,6 +87,9 @@ class SweepSpec:
     max_failures: int = 2
     guidance: str = "synthetic"
     model: str = ""
+    # Named bundles of config values, each one configuration (crossed with the space): what a search over
+    # candidate settings that change several keys at once needs.
+    candidates: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def base_config(self) -> Config:
         config = Config()
@@ -100,6 +106,8 @@ class SweepSpec:
         config = self.base_config()
         config.prompt = params["prompt"]
         config.seed = int(params["seed"])
+        for key, value in self.candidates.get(params.get(CANDIDATE, ""), {}).items():
+            set_value(config, key, value)
         for dim in self.space:
             set_value(config, dim.key, params[dim.key])
         return config.validate()
@@ -246,7 +254,7 @@ def _base_config(config: Any, overrides: Any, where: str) -> dict[str, Any]:
             raise _fail(where, f"override '{override}' is not key=value", "e.g. overrides: ['optim.lr=0.01']")
         flat[key.strip()] = value.strip()
     for key in flat:
-        if key in RESERVED_KEYS or key in ("iterations", "guidance.backend", "guidance.model"):
+        if key in RESERVED_KEYS or key in SWEEP_KEYS:
             raise _fail(where, f"config key '{key}' is set by the sweep itself",
                         "use the top-level prompts, seeds, iterations and guidance fields")
     probe = Config()
@@ -358,7 +366,7 @@ def _read_table_column(path: Path, suffix: str, column: str) -> list[Any]:
 
 
 def _parse_search(spec: SweepSpec, value: Any, where: str) -> None:
-    if not isinstance(value, dict) or set(value) - {"algorithm", "space", "metric", "mode"}:
+    if not isinstance(value, dict) or set(value) - {"algorithm", "space", "candidates", "metric", "mode"}:
         raise _fail(where, f"search {value!r} is not understood", TOP_LEVEL["search"])
     spec.algorithm = str(value.get("algorithm", "grid"))
     if spec.algorithm not in ALGORITHMS:
@@ -370,6 +378,7 @@ def _parse_search(spec: SweepSpec, value: Any, where: str) -> None:
         raise _fail(where, "search.space must be a mapping of config keys", "e.g. space: {optim.lr: {loguniform: "
                     "[0.005, 0.05]}}")
     spec.space = [_dimension(str(key), dist, spec, where) for key, dist in space.items()]
+    spec.candidates = _candidates(value.get("candidates", {}), spec, where)
     if spec.algorithm == "optuna":
         for dim in spec.space:
             if any(not isinstance(v, bool | int | float | str) for v in dim.values):
@@ -379,6 +388,44 @@ def _parse_search(spec: SweepSpec, value: Any, where: str) -> None:
     if spec.algorithm == "grid" and continuous:
         raise _fail(where, f"search.space.{continuous[0]} is continuous but search.algorithm is grid",
                     "use grid/choice values, or algorithm: random or optuna")
+
+
+def _candidates(value: Any, spec: SweepSpec, where: str) -> dict[str, dict[str, Any]]:
+    fix = "e.g. candidates: {default: {}, wide: {field.blob_radius: 0.8, sds.lambda_opacity: 0.01}}"
+    if not isinstance(value, dict):
+        raise _fail(where, "search.candidates must be a mapping of names to config values", fix)
+    searched = {d.key for d in spec.space}
+    candidates: dict[str, dict[str, Any]] = {}
+    for name, settings in value.items():
+        at = f"search.candidates.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise _fail(where, f"candidate name {name!r} is not a plain name", "use letters, digits, '-', '_', '.'")
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, dict):
+            raise _fail(where, f"{at} must be a mapping of config keys to values", fix)
+        flat = flatten_keys(settings)
+        for key in flat:
+            if key in RESERVED_KEYS or key in SWEEP_KEYS:
+                raise _fail(where, f"{at}.{key} is set by the sweep itself",
+                            "use the top-level prompts, seeds, iterations and guidance fields")
+            if key in searched:
+                raise _fail(where, f"{at}.{key} is also in search.space", "set each key in one of the two")
+            if key not in known_keys():
+                raise _fail(where, f"{at}.{key} is not a config key", "known keys: " + ", ".join(known_keys()))
+        probe = Config()
+        try:
+            for key, setting in {**spec.config, **flat}.items():
+                set_value(probe, key, setting)
+            probe.validate()
+        except UserInputError as exc:
+            raise _fail(where, f"{at} is invalid ({exc})", "change its values") from None
+        same = [other for other, values in candidates.items() if values == flat]
+        if same:
+            raise _fail(where, f"{at} sets the same values as search.candidates.{same[0]}",
+                        "give each candidate different settings (seeds are the top-level seeds field)")
+        candidates[name] = flat
+    return candidates
 
 
 def _metric(value: dict[str, Any], section: str, default: str, spec: SweepSpec, where: str) -> tuple[str, str]:

@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,14 @@ from dreamfusion.mesh import MESH_METRICS
 from dreamfusion.pipeline import warm_text_cache
 from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion_platform import tracking
-from dreamfusion_platform.spec import RESULT_METRICS, TRAINING_METRICS, Dimension, SweepSpec, load_spec
+from dreamfusion_platform.spec import (
+    CANDIDATE,
+    RESULT_METRICS,
+    TRAINING_METRICS,
+    Dimension,
+    SweepSpec,
+    load_spec,
+)
 from dreamfusion_platform.trial import TrialContext, run_trial
 
 log = logging.getLogger(__name__)
@@ -75,7 +83,7 @@ class Workspace:
 def trial_count(spec: SweepSpec) -> int:
     grid = math.prod(len(d.values) for d in spec.space if d.distribution == "grid"
                      or (spec.algorithm == "grid" and d.distribution == "choice"))
-    per_prompt = spec.samples_per_prompt * (grid if spec.algorithm != "optuna" else 1)
+    per_prompt = spec.samples_per_prompt * (grid * max(1, len(spec.candidates)) if spec.algorithm != "optuna" else 1)
     return len(spec.prompts) * len(spec.seeds) * per_prompt
 
 
@@ -98,6 +106,8 @@ class PerPromptOptuna(Searcher):
     def __init__(self, spec: SweepSpec) -> None:
         super().__init__(metric=spec.metric, mode=spec.mode)
         space = {d.key: _domain(d, "optuna") for d in spec.space}
+        if spec.candidates:
+            space[CANDIDATE] = tune.choice(list(spec.candidates))
         self.samples = spec.samples_per_prompt
         self.groups = [(prompt, seed) for prompt in spec.prompts for seed in spec.seeds]
         self.studies = [OptunaSearch(space=space, metric=spec.metric, mode=spec.mode, seed=index)
@@ -147,7 +157,7 @@ def _trainable(spec: SweepSpec, context: TrialContext):
     return tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": spec.cpus, "gpu": spec.gpus})
 
 
-def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, progress):
+def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, progress, verbose: bool = False):
     if spec.algorithm == "optuna":
         param_space: dict[str, Any] = {}
         search_alg = PerPromptOptuna(spec)
@@ -155,6 +165,8 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
     else:
         param_space = {"prompt": tune.grid_search(spec.prompts), "seed": tune.grid_search(spec.seeds),
                        **{d.key: _domain(d, spec.algorithm) for d in spec.space}}
+        if spec.candidates:
+            param_space[CANDIDATE] = tune.grid_search(list(spec.candidates))
         search_alg = BasicVariantGenerator(random_state=0)
         num_samples = spec.samples_per_prompt
     reports = math.ceil(spec.iterations / spec.report_every)
@@ -170,7 +182,7 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
                                     # Prompts never reach a path: trial folders are named by id only.
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=str(workspace.ray), verbose=0, callbacks=[progress],
+            name=spec.name, storage_path=str(workspace.ray), verbose=2 if verbose else 0, callbacks=[progress],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
@@ -178,16 +190,38 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
 
 
 class SweepProgress(tune.Callback):
-    """Periodic lines on stderr: trials done/running/failed, best so far, ETA."""
+    """Our progress on stderr: trials done/running/failed, best so far, ETA. On a terminal one line that
+    updates in place; in a log a line whenever the counts or the best change, and once a minute otherwise.
+    Trials that fail (and are retried), metrics waiting for an unreachable tracking server and trials that
+    wait for resources the cluster does not have free get lines of their own."""
 
-    def __init__(self, spec: SweepSpec, total: int, interval: float = 10.0) -> None:
+    def __init__(self, spec: SweepSpec, total: int, heartbeat: float = 60.0, stream=None) -> None:
         self.name, self.metric, self.mode = spec.name, spec.metric, spec.mode
+        self.need = {"CPU": spec.cpus, "GPU": spec.gpus}
+        self.max_failures = spec.max_failures
         self.total = total
-        self.interval = interval
+        self.heartbeat = heartbeat
+        self.stream = stream
         self.started = time.monotonic()
-        self.last = 0.0
+        self.last_line = ""
+        self.last_time = 0.0
         self.best: tuple[float, str] | None = None
         self.backlog: dict[str, int] = {}
+        self.backlog_warned = -math.inf
+
+    @property
+    def _out(self):
+        return self.stream or sys.stderr
+
+    @property
+    def _live(self) -> bool:
+        return self._out.isatty()
+
+    def _print(self, line: str) -> None:
+        """A line of its own, above the updating progress line on a terminal."""
+        prefix = "\r\033[K" if self._live else ""
+        print(f"{prefix}[sweep {self.name}] {line}", file=self._out, flush=True)
+        self.last_line = ""  # the progress line is drawn again below
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.backlog[trial.trial_id] = int(result.get("mlflow_backlog", 0))
@@ -196,29 +230,66 @@ class SweepProgress(tune.Callback):
             if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
                 self.best = (float(value), str(trial.config.get("prompt", ""))[:40])
 
-    def on_step_end(self, iteration, trials, **info) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.last = now
-            self.report(trials)
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._failed(trial, retried=False)
 
-    def on_experiment_end(self, trials, **info) -> None:
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self._failed(trial, retried=True)
+
+    def _failed(self, trial, retried: bool) -> None:
+        prompt = str(trial.config.get("prompt", ""))[:40]
+        where = trial.error_file or "the trial's error.txt"
+        if retried:
+            attempt = trial.num_failures + 1
+            self._print(f"warning: trial {trial.trial_id} ('{prompt}') failed and is retried from its last "
+                        f"checkpoint (attempt {attempt} of {self.max_failures + 1}); the error: {where}")
+        else:
+            self._print(f"warning: trial {trial.trial_id} ('{prompt}') failed for good; the error: {where}")
+
+    def on_step_end(self, iteration, trials, **info) -> None:
         self.report(trials)
 
-    def report(self, trials) -> None:
+    def on_experiment_end(self, trials, **info) -> None:
+        self.report(trials, force=True)
+        if self._live:
+            print(file=self._out, flush=True)
+
+    def report(self, trials, force: bool = False) -> None:
         done = sum(t.status == "TERMINATED" for t in trials)
         failed = sum(t.status == "ERROR" for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
-        elapsed = time.monotonic() - self.started
+        pending = sum(t.status == "PENDING" for t in trials)
+        best = f"; best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
+        state = f"{done}/{self.total} done, {running} running, {failed} failed{best}"
+        if pending and not running:
+            state += f"; {self.waiting_for(pending)}"
+        now = time.monotonic()
+        elapsed = now - self.started
         finished = done + failed
         eta = f", ETA {elapsed / finished * max(self.total - finished, 0) / 60:.1f} min" if finished else ""
-        best = f"; best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
-        print(f"[sweep {self.name}] {done}/{self.total} done, {running} running, {failed} failed"
-              f"{best}; {elapsed / 60:.1f} min{eta}", file=sys.stderr, flush=True)
+        line = f"{state}; {elapsed / 60:.1f} min{eta}"
+        if self._live:
+            if force or line != self.last_line:
+                print(f"\r\033[K[sweep {self.name}] {line}", end="", file=self._out, flush=True)
+                self.last_line = line
+        elif force or state != self.last_line or now - self.last_time >= self.heartbeat:
+            print(f"[sweep {self.name}] {line}", file=self._out, flush=True)
+            self.last_line, self.last_time = state, now
         waiting = sum(self.backlog.values())
-        if waiting:
-            print(f"[sweep {self.name}] warning: {waiting} metric values wait for the MLflow tracking server "
-                  "(unreachable?); trials keep training and send them when it answers", file=sys.stderr, flush=True)
+        if waiting and (force or now - self.backlog_warned >= self.heartbeat):
+            self.backlog_warned = now
+            self._print(f"warning: {waiting} metric values wait for the MLflow tracking server (unreachable?); "
+                        "trials keep training and send them when it answers")
+
+    def waiting_for(self, pending: int) -> str:
+        """What the pending trials ask for, and what the cluster has free of it."""
+        need = ", ".join(f"{value:g} {key}" for key, value in self.need.items() if value)
+        try:
+            free, total = ray.available_resources(), ray.cluster_resources()
+        except Exception:  # the line is informative only; Ray may be shutting down
+            return f"{pending} pending, each needs {need}"
+        offer = ", ".join(f"{free.get(key, 0):g}/{total.get(key, 0):g} {key}" for key in self.need)
+        return f"{pending} pending, each needs {need}; free in the cluster: {offer}"
 
 
 def results_table(result_grid, spec: SweepSpec):
@@ -238,6 +309,7 @@ def results_table(result_grid, spec: SweepSpec):
             "trial_id": metrics.get("trial_id", ""),
             "prompt": config.get("prompt"),
             "seed": config.get("seed"),
+            **({CANDIDATE: config.get(CANDIDATE)} if spec.candidates else {}),
             **{d.key: config.get(d.key) for d in spec.space},
             "status": status,
             "step": metrics.get("step"),
@@ -279,7 +351,7 @@ def dashboard_columns(spec: SweepSpec) -> list[str]:
     if spec.clip_model:
         metrics += ["clip_score", "clip_r_precision", "clip_r_precision_textureless"]
     metrics += MESH_METRICS
-    params = ["prompt", "seed", *(d.key for d in spec.space)]
+    params = ["prompt", "seed", *([CANDIDATE] if spec.candidates else []), *(d.key for d in spec.space)]
     return [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in dict.fromkeys(metrics)]
 
 
@@ -310,10 +382,55 @@ def close_child_runs(uri: str, experiment_id: str, parent_run_id: str, table) ->
             mlflow_client.set_terminated(run.info.run_id, status=final)
 
 
-def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
-              address: str | None = None, tracking_uri: str | None = None):
-    """Run (or resume) a sweep; returns its results table (a pandas DataFrame)."""
+def check_local_resources(spec: SweepSpec) -> None:
+    """On a local Ray, a trial that asks for more than this machine has would wait forever: say so first."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    cpus = os.cpu_count() or 1
+    if spec.gpus > gpus:
+        has = "no GPU" if gpus == 0 else f"{gpus} GPU{'s' if gpus > 1 else ''}"
+        raise UserInputError(f"resources.gpus is {spec.gpus:g} per trial but this machine has {has}; set "
+                             f"resources: {{gpus: {min(gpus, 1) if gpus else 0}}} in the spec, or pass --address "
+                             "to run on a Ray cluster that has GPUs")
+    if spec.cpus > cpus:
+        raise UserInputError(f"resources.cpus is {spec.cpus:g} per trial but this machine has {cpus} CPUs; set "
+                             f"resources: {{cpus: {cpus}}} or less in the spec, or pass --address to run on a "
+                             "Ray cluster")
+
+
+@contextlib.contextmanager
+def quiet_ray(verbose: bool):
+    """Ray's own console output off unless ``verbose``: Tune's boxes and hints (its new console reporter;
+    the sweep prints its own progress), Ray's log lines and the trial processes' output, and deprecation
+    warnings. Our progress lines and warnings are printed by ``SweepProgress``."""
+    if verbose:
+        yield
+        return
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter, silent at verbose=0
+    ray_logger = logging.getLogger("ray")
+    level = ray_logger.level
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        ray_logger.setLevel(level)
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
+
+
+def run_sweep(spec_path: Path, workspace: Path, resume: bool = False, address: str | None = None,
+              tracking_uri: str | None = None, verbose: bool = False):
+    """Run (or resume) a sweep; returns its results table (a pandas DataFrame). ``verbose`` lets Ray and
+    Tune print their own output as well."""
     spec = load_spec(spec_path)
+    if not address:
+        check_local_resources(spec)
     ws = Workspace(workspace, spec.name)
     ws.check_writable()
     if resume and not ws.state.exists():
@@ -341,6 +458,8 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
                   "scheduler": spec.scheduler, "metric": spec.metric, "iterations": spec.iterations,
                   "guidance": spec.guidance, **{f"space.{d.key}": f"{d.distribution}{list(d.values)}"
                                                 for d in spec.space}}
+        if spec.candidates:
+            params["candidates"] = ", ".join(spec.candidates)
         experiment_id, parent_run_id = tracking.open_parent_run(uri, spec.name, params,
                                                                 state.get("parent_run_id"))
         if not resume:
@@ -356,8 +475,10 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
               f"'{spec.name}', parent run {parent_run_id}", file=sys.stderr, flush=True)
         # "local" rather than None: Ray would otherwise join whatever cluster a stale
         # /tmp/ray/ray_current_cluster names (left by an old `ray start`) and hang on its dead GCS.
-        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
-                 configure_logging=True, ignore_reinit_error=True)
+        stack.enter_context(quiet_ray(verbose))
+        ray.init(address=address or "local", include_dashboard=False,
+                 logging_level=logging.INFO if verbose else logging.ERROR, configure_logging=True,
+                 log_to_driver=verbose, ignore_reinit_error=True)
         stack.callback(ray.shutdown)
         context = TrialContext(spec, uri, experiment_id, parent_run_id, str(ws.cache))
         experiment_path = ws.ray / spec.name
@@ -365,7 +486,7 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False,
             tuner = tune.Tuner.restore(str(experiment_path), _trainable(spec, context), resume_unfinished=True,
                                        resume_errored=True)
         else:
-            tuner = build_tuner(spec, ws, context, SweepProgress(spec, total))
+            tuner = build_tuner(spec, ws, context, SweepProgress(spec, total), verbose)
         result_grid = tuner.fit()
 
         table = results_table(result_grid, spec)
@@ -390,11 +511,42 @@ def dashboard_links(workspace: Path, base: str) -> list[tuple[str, str]]:
     return links
 
 
-def format_table(table) -> str:
+def configuration_columns(table) -> list[str]:
+    """The columns that tell one configuration from another: its candidate and searched keys."""
+    return [c for c in table.columns if c == CANDIDATE or "." in c]
+
+
+def rank_configurations(table, metric: str, mode: str):
+    """Each configuration's worst and mean ``metric`` over the prompts (and seeds) it ran on, best worst
+    first: a default must hold on every prompt, so the worst case ranks. None when there is nothing to rank
+    (one configuration, one prompt, or no finished trial with the metric)."""
+    keys = configuration_columns(table)
+    if not keys or metric not in table or table["prompt"].nunique() < 2:
+        return None
+    finished = table[(table["status"] == "FINISHED") & table[metric].notna()].copy()
+    if finished.empty:
+        return None
+    finished[keys] = finished[keys].astype(str)  # list values (e.g. shading ratios) are not hashable
+    grouped = finished.groupby(keys, sort=False)[metric]
+    worst = grouped.min() if mode == "max" else grouped.max()
+    ranked = worst.to_frame(f"worst {metric}").join(grouped.mean().rename(f"mean {metric}"))
+    ranked = ranked.join(grouped.size().rename("trials"))
+    if len(ranked) < 2:
+        return None
+    return ranked.sort_values(f"worst {metric}", ascending=mode == "min").reset_index()
+
+
+def format_table(table, metric: str = "", mode: str = "max") -> str:
+    """The results table and, where a sweep compares configurations over several prompts, their ranking."""
     columns = [c for c in ("prompt", "seed") if c in table]
-    columns += [c for c in table.columns if "." in c]
+    columns += configuration_columns(table)
     columns += [c for c in ("status", *RESULT_METRICS[:4], *CLIP_SHOWN, *MESH_METRICS, "loss",
                                         "wall_seconds") if c in table]
     shown = table[columns].copy()
     shown["prompt"] = shown["prompt"].str.slice(0, 32)
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    text = shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    ranked = rank_configurations(table, metric, mode) if metric else None
+    if ranked is not None:
+        text += (f"\n\nconfigurations ranked by their worst {metric} over the prompts:\n"
+                 + ranked.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return text

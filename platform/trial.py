@@ -25,7 +25,7 @@ from dreamfusion.export import render_progress_row
 from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run, make_judge
 from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion.trainer import CheckpointError, Trainer, TrainerCallback
-from dreamfusion_platform.spec import TRAINING_METRICS, SweepSpec
+from dreamfusion_platform.spec import CANDIDATE, TRAINING_METRICS, SweepSpec
 from dreamfusion_platform.tracking import TrialRun, retry, trial_environment
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,13 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     spec = context.spec
     config = spec.trial_config(params)
     key = trial_key(config)
+    candidate = {CANDIDATE: params[CANDIDATE]} if CANDIDATE in params else {}
     node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
             "pid": str(os.getpid()), "gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
     tags = {"dreamfusion.prompt": config.prompt[:5000], **{f"dreamfusion.{k}": v for k, v in node.items()}}
     # A tracking server that is down when the trial starts is waited for (about two minutes) before failing.
     tracked = retry(lambda: TrialRun(context.tracking_uri, context.experiment_id, context.parent_run_id, key,
-                                     run_name(config, key), {"trial_key": key, **config.flat()}, tags),
+                                     run_name(config, key), {"trial_key": key, **candidate, **config.flat()}, tags),
                     attempts=12, wait=10.0, what="opening the trial's MLflow run")
     identity = {"mlflow_run_id": tracked.run_id, "artifact_uri": tracked.artifact_uri, "trial_key": key, **node}
     if tracked.finished_metrics is not None:

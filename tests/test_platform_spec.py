@@ -57,6 +57,59 @@ def test_trial_config_combines_base_overrides_and_parameters(tmp_path):
     assert parsed.report_every == 6  # a sixth of the iterations unless given
 
 
+def test_candidates_are_bundles_of_settings_crossed_with_the_space(tmp_path):
+    from dreamfusion_platform.sweep import trial_count
+
+    parsed = parse_spec(spec(config={"optim.lr": 0.03}, search={
+        "candidates": {"default": {}, "wide": {"field": {"blob_radius": 0.8}, "sds.lambda_opacity": 0.01}},
+        "space": {"sds.guidance_scale": {"grid": [1, 7.5]}}}), tmp_path)
+    assert trial_count(parsed) == 2 * 2 * 2  # prompts × candidates × grid
+    wide = parsed.trial_config({"prompt": "a red ball", "seed": 0, "candidate": "wide", "sds.guidance_scale": 7.5})
+    assert (wide.field.blob_radius, wide.sds.lambda_opacity, wide.optim.lr) == (0.8, 0.01, 0.03)
+    default = parsed.trial_config({"prompt": "a red ball", "seed": 0, "candidate": "default", "sds.guidance_scale": 1})
+    assert default.field.blob_radius != 0.8 and default.optim.lr == 0.03
+
+
+def test_configurations_are_ranked_by_their_worst_prompt():
+    import pandas as pd
+
+    from dreamfusion_platform.sweep import format_table, rank_configurations
+
+    table = pd.DataFrame({
+        "prompt": ["a", "b", "a", "b", "a"], "seed": 0, "candidate": ["x", "x", "y", "y", "z"],
+        "status": ["FINISHED"] * 4 + ["FAILED"], "silhouette_iou": [0.95, 0.70, 0.88, 0.86, None]})
+    ranked = rank_configurations(table, "silhouette_iou", "max")
+    assert list(ranked["candidate"]) == ["y", "x"]  # y's worst prompt (0.86) beats x's (0.70); z never finished
+    assert list(ranked["worst silhouette_iou"]) == [0.86, 0.70] and list(ranked["trials"]) == [2, 2]
+    assert rank_configurations(table, "janus_rate", "min") is None  # no such column
+    assert "ranked by their worst silhouette_iou" in format_table(table, "silhouette_iou", "max")
+    assert rank_configurations(table[table["prompt"] == "a"], "silhouette_iou", "max") is None  # one prompt
+
+
+def test_a_local_sweep_refuses_resources_the_machine_cannot_give(tmp_path, monkeypatch):
+    import torch
+
+    from dreamfusion_platform.sweep import check_local_resources
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserInputError, match="this machine has no GPU") as caught:
+        check_local_resources(parse_spec(spec(resources={"gpus": 1}), tmp_path))
+    assert "resources: {gpus: 0}" in str(caught.value) and "--address" in str(caught.value)
+    with pytest.raises(UserInputError, match="CPUs; set resources: {cpus:"):
+        check_local_resources(parse_spec(spec(resources={"cpus": 4096}), tmp_path))
+    check_local_resources(parse_spec(spec(resources={"cpus": 1, "gpus": 0}), tmp_path))
+
+
+def test_the_sweep_cli_refuses_a_gpu_spec_on_a_machine_without_one_before_any_work(tmp_path):
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(spec(resources={"gpus": 1})))
+    done = subprocess.run([sys.executable, "-m", "dreamfusion_platform.cli", "sweep", str(path), "--workspace",
+                           str(tmp_path / "ws")], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2 and "this machine has no GPU" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "ws").exists()
+
+
 def test_a_sweep_without_iterations_runs_the_library_default(tmp_path, monkeypatch):
     from dreamfusion.config import Config
 
@@ -137,6 +190,15 @@ BAD_SPECS = [
     ({"config": {"eval.clip_model": "m", "eval.clip_prompt_set": "empty.txt"}}, "holds no prompts"),
     ({"config": {"eval.clip_model": "m", "eval.clip_prompt_set": "latin.txt"}}, "is not UTF-8"),
     ({"config": {"eval.clip_views": 0}}, "eval.clip_views must lie in"),
+    ({"search": {"candidates": ["a", "b"]}}, "search.candidates must be a mapping"),
+    ({"search": {"candidates": {"../x": {}}}}, "is not a plain name"),
+    ({"search": {"candidates": {"a": {"optim.lrr": 0.1}}}}, "search.candidates.a.optim.lrr is not a config key"),
+    ({"search": {"candidates": {"a": {"optim.lr": -1}}}}, "search.candidates.a is invalid"),
+    ({"search": {"candidates": {"a": {"iterations": 9}}}}, "is set by the sweep itself"),
+    ({"search": {"candidates": {"a": {"optim.lr": 0.01}, "b": {"optim": {"lr": 0.01}}}}},
+     "sets the same values as search.candidates.a"),
+    ({"search": {"candidates": {"a": {"optim.lr": 0.01}}, "space": {"optim.lr": {"grid": [0.1]}}}},
+     "also in search.space"),
 ]
 
 
@@ -189,3 +251,65 @@ def test_clip_score_is_searchable_on_any_backend_and_computed_at_reports_only_wh
     grid = parse_spec(spec(config=clip, search={"metric": "clip_score"}), tmp_path)
     assert not grid.needs_clip_each_report  # grid search ranks the final results: nothing per report
     assert parse_spec(spec(guidance={"backend": "deepfloyd-if", "model": "m"}), tmp_path).metric == "loss"
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.text, self.tty = "", tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+class _Trial:
+    def __init__(self, status: str, trial_id: str = "t0") -> None:
+        self.status, self.trial_id, self.config = status, trial_id, {"prompt": "a red ball"}
+        self.error_file, self.num_failures = "/ws/ray/s/trial_t0/error.txt", 1
+
+
+def _progress(tmp_path, tty: bool, **fields):
+    from dreamfusion_platform.sweep import SweepProgress
+
+    stream = _Stream(tty)
+    return SweepProgress(parse_spec(spec(**fields), tmp_path), total=2, stream=stream), stream
+
+
+def test_progress_in_a_log_is_a_line_per_change_not_per_step(tmp_path):
+    progress, stream = _progress(tmp_path, tty=False)
+    trials = [_Trial("RUNNING"), _Trial("PENDING", "t1")]
+    for _ in range(50):  # Tune calls on_step_end many times a second
+        progress.on_step_end(0, trials)
+    assert stream.text.count("\n") == 1 and "0/2 done, 1 running, 0 failed" in stream.text
+    trials[0].status = "TERMINATED"
+    progress.on_step_end(0, trials)
+    assert stream.text.count("\n") == 2 and "1/2 done" in stream.text.splitlines()[-1]
+    progress.last_time -= 61  # a minute without change: one heartbeat line
+    progress.on_step_end(0, trials)
+    assert stream.text.count("\n") == 3
+
+
+def test_progress_on_a_terminal_is_one_updating_line_and_warnings_stand_apart(tmp_path):
+    progress, stream = _progress(tmp_path, tty=True)
+    trials = [_Trial("RUNNING"), _Trial("PENDING", "t1")]
+    for _ in range(20):
+        progress.on_step_end(0, trials)
+    assert "\n" not in stream.text and stream.text.count("\r") == 1
+    progress.on_trial_recover(0, trials, trials[0])
+    assert "failed and is retried from its last checkpoint (attempt 2 of 3)" in stream.text
+    assert "error.txt" in stream.text.splitlines()[-1]
+
+
+def test_pending_trials_say_what_they_wait_for(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 7.0})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    progress, stream = _progress(tmp_path, tty=False, resources={"cpus": 1, "gpus": 1})
+    progress.on_step_end(0, [_Trial("PENDING"), _Trial("PENDING", "t1")])
+    assert "2 pending, each needs 1 CPU, 1 GPU; free in the cluster: 7/8 CPU, 0/0 GPU" in stream.text

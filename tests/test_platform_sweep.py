@@ -20,6 +20,8 @@ import yaml
 from dreamfusion_platform import tracking
 from tests.conftest import TINY
 
+REPO = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.slow
 
 EXPECTED_ARTIFACTS = {"mesh.glb", "mesh.obj", "mesh.mtl", "albedo.png", "mesh.ply", "turntable.webm", "turntable.gif",
@@ -84,7 +86,14 @@ def test_sweep_logs_every_trial_to_mlflow_and_writes_the_table(tmp_path, stale_r
                           env=stale_ray_cluster_file)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FINISHED" in done.stdout and f"dreamfusion ui --workspace {workspace}" in done.stdout
-    assert "4/4 done" in done.stderr
+    # The console is ours: progress lines and the table, none of Ray's boxes, hints or log lines.
+    assert "4/4 done" in done.stderr and "[sweep e2e] 4 trials" in done.stderr
+    console = done.stdout + done.stderr
+    for noise in ("View detailed results", "tensorboard", "╭", "Trial status", "INFO", "DeprecationWarning",
+                  "(run_trial pid="):
+        assert noise not in console, f"Ray's own output leaked: {noise!r}\n{console[-3000:]}"
+    progress_lines = [line for line in done.stderr.splitlines() if line.startswith("[sweep e2e]")]
+    assert len(done.stderr.splitlines()) == len(progress_lines), done.stderr[-3000:]
 
     parent, children = sweep_runs(workspace, "e2e")
     assert parent.info.status == "FINISHED" and parent.data.tags[tracking.SWEEP_TAG] == "e2e"
@@ -113,6 +122,28 @@ def test_sweep_logs_every_trial_to_mlflow_and_writes_the_table(tmp_path, stale_r
 
     again = subprocess.run(sweep_command(spec, workspace), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+
+
+def test_the_candidate_search_spec_runs_and_ranks_its_candidates(tmp_path):
+    """experiments/default_candidates.yaml at a tiny size: two prompts, two of its candidates, four steps."""
+    from dreamfusion_platform.sweep import format_table, run_sweep
+
+    data = yaml.safe_load((REPO / "experiments" / "default_candidates.yaml").read_text())
+    candidates = dict(list(data["search"]["candidates"].items())[:2])
+    data.update(prompts=data["prompts"][:2], iterations=4, report_every=2,
+                config={**data["config"], **dict(item.split("=", 1) for item in TINY)})
+    data["search"]["candidates"] = candidates
+    spec = tmp_path / "candidates.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    table = run_sweep(spec, tmp_path / "ws")
+    assert len(table) == 4 and set(table["status"]) == {"FINISHED"}
+    assert set(table["candidate"]) == set(candidates)
+    text = format_table(table, "silhouette_iou", "max")
+    assert "configurations ranked by their worst silhouette_iou" in text
+    ranking = text.split("over the prompts:")[1]
+    assert all(name in ranking for name in candidates)
+    _, children = sweep_runs(tmp_path / "ws", data["name"])
+    assert {c.data.params["candidate"] for c in children} == set(candidates)
 
 
 def trial_results(workspace: Path, name: str) -> list[dict]:
