@@ -189,6 +189,9 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
     )
 
 
+STALL_SECONDS = 30.0
+
+
 class SweepProgress(tune.Callback):
     """Our progress on stderr: trials done/running/failed, best so far, ETA. On a terminal one line that
     updates in place; in a log a line whenever the counts or the best change, and once a minute otherwise.
@@ -208,6 +211,7 @@ class SweepProgress(tune.Callback):
         self.best: tuple[float, str] | None = None
         self.backlog: dict[str, int] = {}
         self.backlog_warned = -math.inf
+        self.stalled_since: float | None = None  # since when trials wait and none runs
 
     @property
     def _out(self):
@@ -261,9 +265,11 @@ class SweepProgress(tune.Callback):
         pending = sum(t.status == "PENDING" for t in trials)
         best = f"; best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
         state = f"{done}/{self.total} done, {running} running, {failed} failed{best}"
-        if pending and not running:
-            state += f"; {self.waiting_for(pending)}"
         now = time.monotonic()
+        self.stalled_since = (self.stalled_since or now) if pending and not running else None
+        # Trials take a moment to be placed; only a wait that lasts says what the trials wait for.
+        if self.stalled_since is not None and now - self.stalled_since >= STALL_SECONDS:
+            state += f"; {self.waiting_for(pending)}"
         elapsed = now - self.started
         finished = done + failed
         eta = f", ETA {elapsed / finished * max(self.total - finished, 0) / 60:.1f} min" if finished else ""

@@ -311,5 +311,9 @@ def test_pending_trials_say_what_they_wait_for(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 7.0})
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     progress, stream = _progress(tmp_path, tty=False, resources={"cpus": 1, "gpus": 1})
-    progress.on_step_end(0, [_Trial("PENDING"), _Trial("PENDING", "t1")])
+    waiting = [_Trial("PENDING"), _Trial("PENDING", "t1")]
+    progress.on_step_end(0, waiting)
+    assert "pending" not in stream.text  # trials are being placed
+    progress.stalled_since -= 31
+    progress.on_step_end(0, waiting)
     assert "2 pending, each needs 1 CPU, 1 GPU; free in the cluster: 7/8 CPU, 0/0 GPU" in stream.text
