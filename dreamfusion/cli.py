@@ -112,6 +112,45 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gallery(args: argparse.Namespace) -> int:
+    from dreamfusion.export import write_gallery
+
+    runs = find_runs([Path(d) for d in args.dirs])
+    if args.best:
+        runs = best_per_prompt(runs, args.best)
+    print(write_gallery(runs, Path(args.out)))
+    return 0
+
+
+def find_runs(directories: list[Path]) -> list[Path]:
+    """Finished runs (folders holding summary.json) in or under ``directories`` (a run, or a sweep's
+    workspace), ordered by prompt and path."""
+    runs: list[Path] = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise UserInputError(f"{directory} is not a directory; give run directories or a sweep workspace")
+        runs += [summary.parent for summary in sorted(directory.rglob("summary.json"))]
+    if not runs:
+        raise UserInputError(f"no finished run (summary.json) under {', '.join(map(str, directories))}; "
+                             "give the --out of `dreamfusion run` or a sweep's --workspace")
+    return sorted(dict.fromkeys(runs), key=lambda run: (json.loads((run / "summary.json").read_text())["prompt"],
+                                                        str(run)))
+
+
+def best_per_prompt(runs: list[Path], metric: str) -> list[Path]:
+    """Each prompt's run with the highest ``metric``."""
+    best: dict[str, tuple[float, Path]] = {}
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        value = summary["metrics"].get(metric)
+        if value is None:
+            raise UserInputError(f"{run} has no metric '{metric}' (it has {', '.join(summary['metrics'])}); "
+                                 "pick one of those for --best")
+        if summary["prompt"] not in best or value > best[summary["prompt"]][0]:
+            best[summary["prompt"]] = (value, run)
+    return [run for _, run in best.values()]
+
+
 def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.ArgumentParser:
     """The command line; each of ``extensions`` adds subcommands (the platform's sweep and ui)."""
     parser = argparse.ArgumentParser(prog="dreamfusion", description="Text-to-3D by Score Distillation Sampling")
@@ -150,6 +189,14 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.A
     bench.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="config override for every run, repeatable (quality)")
     bench.set_defaults(func=_cmd_bench)
+
+    gallery = sub.add_parser("gallery", help="a PNG of finished runs' previews, a row per run (colour, then "
+                                             "textureless), labelled with the prompt")
+    gallery.add_argument("dirs", nargs="+", help="run directories, or a sweep's workspace (searched for runs)")
+    gallery.add_argument("--out", required=True, help="the PNG to write")
+    gallery.add_argument("--best", metavar="METRIC",
+                         help="keep each prompt's run with the highest METRIC (e.g. silhouette_iou)")
+    gallery.set_defaults(func=_cmd_gallery)
     for extend in extensions:
         extend(sub)
     return parser

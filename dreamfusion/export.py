@@ -243,3 +243,33 @@ def write_viewer(mesh: TexturedMesh, path: Path, title: str) -> Path:
     )
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def write_gallery(runs: list[Path], path: Path, label_width: int = 150) -> Path:
+    """One row per finished run: its colour and textureless previews side by side, labelled with its prompt.
+
+    ``runs`` are run directories (each holds ``summary.json``); previews of other sizes are scaled to the
+    first run's. Written as an optimised PNG (to a temporary name first: a failure leaves no partial file).
+    """
+    rows = []
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        images = [Image.open(run / summary["artifacts"][key]).convert("RGB")
+                  for key in ("renders_colour", "renders_textureless")]
+        rows.append((summary["prompt"], images))
+    height = rows[0][1][0].height
+    width = sum(image.width for image in rows[0][1])
+    gallery = Image.new("RGB", (label_width + width, height * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(gallery)
+    for index, (prompt, images) in enumerate(rows):
+        left = label_width
+        for image in images:
+            scaled = image.resize((round(image.width * height / image.height), height), Image.LANCZOS)
+            gallery.paste(scaled, (left, index * height))
+            left += scaled.width
+        draw.text((6, index * height + height // 2 - 6), prompt[:24], fill=(20, 20, 20))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    gallery.save(partial, format="PNG", optimize=True)
+    partial.replace(path)
+    return path

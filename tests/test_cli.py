@@ -77,6 +77,17 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
 
     assert main(["run", "a red ball", "--out", str(out)]) == 2  # never overwrite a finished run
 
+    gallery = tmp_path / "gallery" / "g.png"
+    assert main(["gallery", str(tmp_path), "--out", str(gallery), "--best", "silhouette_iou"]) == 0
+    colour = imageio.imread(out / summary["artifacts"]["renders_colour"])
+    picture = imageio.imread(gallery)
+    assert picture.shape[0] == colour.shape[0] and picture.shape[1] > 2 * colour.shape[1]  # colour + textureless
+    capsys.readouterr()
+    assert main(["gallery", str(tmp_path), "--out", str(gallery), "--best", "beauty"]) == 2
+    assert "has no metric 'beauty'" in capsys.readouterr().err
+    assert main(["gallery", str(tmp_path / "gallery"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no finished run" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
 
 @pytest.mark.slow
 def test_a_run_that_ends_empty_finishes_without_mesh_and_says_so(tmp_path, capsys):
