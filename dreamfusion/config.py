@@ -29,7 +29,7 @@ class FieldConfig:
     blob_density: float = 5.0
     blob_radius: float = 0.5
     # The synthetic prior's photos lie on a uniform backdrop (guidance.prior_backdrop, mid-grey): a learned
-    # background takes the object's colour there (docs/benchmarks/README.md), so its default is that
+    # background takes the object's colour there (docs/synthetic-prior.md), so its default is that
     # backdrop, fixed. Real backends default to "learned" (BACKEND_DEFAULTS).
     background: str = "fixed"
     background_color: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -208,7 +208,7 @@ class GuidanceConfig:
     # Zero-1-to-3 or MVDream sees a view) or "view_label" (front/side/back/overhead, as a text-to-image
     # model gets them in the prompt, as in the paper). Camera by default: a finite photo set under a view
     # label answers from viewpoints tens of degrees off the render's, and those targets disagree between
-    # steps enough to erase a house's walls (docs/benchmarks/README.md).
+    # steps enough to erase a house's walls (docs/synthetic-prior.md).
     prior_conditioning: str = "camera"
     prior_camera_neighbours: int = 2
     # Share of the steps during which the synthetic prior answers with each condition's mean photo (its
