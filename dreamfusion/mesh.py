@@ -32,7 +32,7 @@ SEAM_PADDING_TEXELS = 8
 
 
 @torch.no_grad()
-def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: float = 10.0,
+def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: float = 3.0,
                  chunk: int = 2**18, occupancy: OccupancyGrid | None = None, min_component_share: float = 0.0,
                  max_faces: int = 0) -> trimesh.Trimesh:
     """Marching cubes on the density over [-1, 1]^3, faces wound outwards, vertex colours from the albedo.

@@ -150,7 +150,8 @@ def warm_text_cache(config: Config, prompts: list[str], rank_prompts: list[str],
         from dreamfusion.guidance.diffusion import DeepFloydIFGuidance, StableDiffusionGuidance, prompt_texts
 
         backend = StableDiffusionGuidance if config.guidance.backend == "stable-diffusion" else DeepFloydIFGuidance
-        guidance_texts = list(dict.fromkeys(t for prompt in prompts for t in prompt_texts(prompt).values()))
+        guidance_texts = list(dict.fromkeys(t for prompt in prompts
+                                            for t in prompt_texts(prompt, config.sds.negative_prompt).values()))
         backend.embed_texts(config.guidance.model, guidance_texts, device, cache)
         texts += len(guidance_texts)
     return texts

@@ -125,7 +125,8 @@ class Trainer:
             self.record_snapshot()
         shading = self._shading_for_step()
         cameras = sample_cameras(cfg.camera, cfg.render.batch_size, self.generator)
-        views = view_condition(cameras, cfg.camera) if cfg.sds.view_dependent else None
+        # Perp-Neg needs each render's view for its negatives even where the positive has no view condition.
+        views = view_condition(cameras, cfg.camera) if cfg.sds.view_dependent or cfg.sds.perp_neg else None
         with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(cfg.render.autocast),
                             enabled=cfg.render.autocast != "off"):
             output = render(

@@ -542,15 +542,40 @@ def rank_configurations(table, metric: str, mode: str):
     return ranked.sort_values(f"worst {metric}", ascending=mode == "min").reset_index()
 
 
+def across_seeds(table, metric: str):
+    """Each configuration × prompt's mean and spread (standard deviation) over its seeds, for the sweep's metric
+    and the quality metrics; None unless some configuration ran with several seeds."""
+    if "seed" not in table or table["seed"].nunique() < 2:
+        return None
+    finished = table[table["status"] == "FINISHED"].copy()
+    keys = configuration_columns(finished) + ["prompt"]
+    finished[keys] = finished[keys].astype(str)
+    metrics = [m for m in dict.fromkeys([metric, *RESULT_METRICS]) if m in finished and finished[m].notna().any()]
+    if finished.empty or not metrics:
+        return None
+    grouped = finished.groupby(keys, sort=False)
+    summary = grouped[metrics].agg(["mean", "std"])
+    summary.columns = [f"{name} {statistic}" for name, statistic in summary.columns]
+    summary.insert(0, "seeds", grouped.size())
+    return summary.reset_index()
+
+
 def format_table(table, metric: str = "", mode: str = "max") -> str:
-    """The results table and, where a sweep compares configurations over several prompts, their ranking."""
+    """The results table; over several seeds, each configuration × prompt's mean and spread; where a sweep
+    compares configurations over several prompts, their ranking."""
     columns = [c for c in ("prompt", "seed") if c in table]
     columns += configuration_columns(table)
     columns += [c for c in ("status", *RESULT_METRICS[:4], *CLIP_SHOWN, *MESH_METRICS, "loss",
                                         "wall_seconds") if c in table]
+    if metric in table and metric not in columns:
+        columns.insert(columns.index("status") + 1, metric)
     shown = table[columns].copy()
     shown["prompt"] = shown["prompt"].str.slice(0, 32)
     text = shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    seeds = across_seeds(table, metric) if metric else None
+    if seeds is not None:
+        text += ("\n\nover the seeds (mean and standard deviation):\n"
+                 + seeds.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     ranked = rank_configurations(table, metric, mode) if metric else None
     if ranked is not None:
         text += (f"\n\nconfigurations ranked by their worst {metric} over the prompts:\n"

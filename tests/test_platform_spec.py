@@ -86,6 +86,22 @@ def test_configurations_are_ranked_by_their_worst_prompt():
     assert rank_configurations(table[table["prompt"] == "a"], "silhouette_iou", "max") is None  # one prompt
 
 
+def test_several_seeds_get_a_mean_and_spread_per_configuration_and_prompt():
+    import pandas as pd
+
+    from dreamfusion_platform.sweep import across_seeds, format_table
+
+    table = pd.DataFrame({
+        "prompt": ["a"] * 4, "seed": [0, 1, 2, 0], "candidate": ["x", "x", "x", "y"], "status": "FINISHED",
+        "janus_rate": [0.0, 0.5, 1.0, 0.25], "silhouette_iou": [0.9, 0.8, 0.7, 0.6]})
+    summary = across_seeds(table, "janus_rate")
+    x = summary[summary["candidate"] == "x"].iloc[0]
+    assert x["seeds"] == 3 and x["janus_rate mean"] == pytest.approx(0.5) and x["janus_rate std"] == pytest.approx(0.5)
+    assert x["silhouette_iou mean"] == pytest.approx(0.8)
+    assert "over the seeds" in format_table(table, "janus_rate", "min")
+    assert across_seeds(table[table["seed"] == 0], "janus_rate") is None
+
+
 def test_a_local_sweep_refuses_resources_the_machine_cannot_give(tmp_path, monkeypatch):
     import torch
 

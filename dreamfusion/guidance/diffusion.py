@@ -20,16 +20,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dreamfusion.cameras import ViewCondition
+from dreamfusion.cameras import VIEW_LABELS, ViewCondition
 from dreamfusion.config import Config
 from dreamfusion.errors import UserInputError
 from dreamfusion.guidance.base import Guidance
 from dreamfusion.memory import checkpointer
+from dreamfusion.sds import guided, negative_text, perp_neg_views, view_weights
 from dreamfusion.text_cache import TextEmbeddingCache
 
 log = logging.getLogger(__name__)
 
-VIEW_SUFFIXES = ("front", "side", "back", "overhead")
+VIEW_SUFFIXES = VIEW_LABELS
 # The widely used linear preview of Stable Diffusion's scaled latents as RGB in [-1, 1]; its
 # pseudo-inverse maps a render's colour to latents for the latent-colour warm-up.
 _LATENT_TO_RGB = torch.tensor([
@@ -86,9 +87,11 @@ def load_pretrained(loader, model: str, subfolder: str, option: str = "--model",
         ) from None
 
 
-def prompt_texts(prompt: str) -> dict[str | None, str]:
-    """The texts SDS conditions on: the prompt (key None), the empty prompt, and the prompt per view."""
-    return {None: prompt, "": "", **{view: f"{prompt}, {view} view" for view in VIEW_SUFFIXES}}
+def prompt_texts(prompt: str, negative_prompt: str = "") -> dict[str | None, str]:
+    """The texts SDS conditions on: the prompt (key None), the unconditional branch's text (key "": the empty
+    prompt, or the negative prompt with ``{prompt}`` filled in), and the prompt per view."""
+    return {None: prompt, "": negative_text(negative_prompt, prompt),
+            **{view: f"{prompt}, {view} view" for view in VIEW_SUFFIXES}}
 
 
 class DiffusersGuidance(Guidance):
@@ -110,7 +113,7 @@ class DiffusersGuidance(Guidance):
         self.dtype = _dtype(config.guidance.dtype, self.device)
         model = config.guidance.model
         if components is None:
-            texts = prompt_texts(config.prompt)
+            texts = prompt_texts(config.prompt, config.sds.negative_prompt)
             embedded = self.embed_texts(model, list(texts.values()), self.device, text_cache)
             components = {"unet": load_pretrained(UNet2DConditionModel, model, "unet", use_safetensors=True),
                           "scheduler": load_pretrained(DDPMScheduler, model, "scheduler"),
@@ -167,22 +170,44 @@ class DiffusersGuidance(Guidance):
             self.embeddings = {k: v.to(device) for k, v in self.embeddings.items()}
         return self
 
+    def _blend(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[..., 4]`` weights over the view labels → the same blend of their embeddings ``[..., T, C]``."""
+        labels = torch.stack([self.embeddings[label] for label in VIEW_LABELS])
+        return torch.einsum("...l,ltc->...tc", weights.to(labels), labels)
+
     def condition(self, views: ViewCondition | None, batch: int) -> torch.Tensor:
-        if views is None:
+        """Each render's text condition: the prompt, or with view-dependent conditioning its view label's
+        embedding (or, with ``sds.view_embedding=interpolated``, the blend of the labels' by azimuth)."""
+        sds = self.config.sds
+        if views is None or not sds.view_dependent:
             return self.embeddings[None].expand(batch, -1, -1)
-        return torch.stack([self.embeddings[label] for label in views.labels])
+        if sds.view_embedding == "labels":
+            return torch.stack([self.embeddings[label] for label in views.labels])
+        return self._blend(view_weights(views, True, self.config.camera.overhead_elevation))
 
     @torch.no_grad()
     def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, views: ViewCondition | None,
                       guidance_scale: float, textureless: bool = False, progress: float = 1.0) -> torch.Tensor:
+        """Classifier-free guidance, or Perp-Neg with ``sds.perp_neg``: the unconditional, positive and negative
+        views' predictions all in one batched UNet call."""
         batch = noisy.shape[0]
-        inputs = torch.cat([noisy, noisy]).to(self.device, self.dtype)
-        steps = torch.cat([timesteps, timesteps]).to(self.device)
-        text = torch.cat([self.embeddings[""].expand(batch, -1, -1), self.condition(views, batch)])
-        output = self.unet(inputs, steps, encoder_hidden_states=text).sample.float()
+        sds = self.config.sds
+        texts = [self.embeddings[""].expand(batch, -1, -1), self.condition(views, batch)]
+        negatives = strengths = None
+        if sds.perp_neg and views is not None:
+            negatives, strengths = perp_neg_views(views, sds.perp_neg_weight * guidance_scale,
+                                                  sds.perp_neg_front_decay, sds.perp_neg_side_decay)
+            texts += list(self._blend(negatives).unbind(1))
+        copies = len(texts)
+        inputs = noisy.repeat(copies, *([1] * (noisy.dim() - 1))).to(self.device, self.dtype)
+        steps = timesteps.repeat(copies).to(self.device)
+        output = self.unet(inputs, steps, encoder_hidden_states=torch.cat(texts)).sample.float()
         output = output[:, : noisy.shape[1]]  # IF also predicts the variance: keep the noise channels
-        unconditional, conditional = output.chunk(2)
-        return (unconditional + guidance_scale * (conditional - unconditional)).to(noisy.dtype)
+        unconditional, positive, *negative = output.chunk(copies)
+        if negatives is None:
+            return guided(unconditional, positive, guidance_scale).to(noisy.dtype)
+        stacked = torch.stack(negative, dim=1)
+        return guided(unconditional, positive, guidance_scale, stacked, strengths.to(stacked.device)).to(noisy.dtype)
 
 
 class StableDiffusionGuidance(DiffusersGuidance):

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dreamfusion.cameras import ViewCondition
+from dreamfusion.cameras import VIEW_LABELS, ViewCondition
 from dreamfusion.config import Config
+from dreamfusion.errors import UserInputError
 from dreamfusion.guidance.base import Guidance, scaled_linear_alphas_cumprod
+from dreamfusion.prior.shapes import find_object
 from dreamfusion.prior.synthetic import PriorSpec, SyntheticPrior, prompt_index
+from dreamfusion.sds import guided, negative_text, perp_neg_views, view_weights
+
+_VIEW_SUFFIX = re.compile(r",\s*(" + "|".join(VIEW_LABELS) + r") view$")
+
+
+def prior_condition(text: str) -> tuple[int, str | None]:
+    """A text the synthetic prior can condition on: one of its prompts, optionally followed by a view suffix
+    (", back view"); returns the prompt's index and the view label (None without a suffix)."""
+    suffix = _VIEW_SUFFIX.search(text.strip())
+    label = suffix.group(1) if suffix else None
+    prompt = text.strip()[: suffix.start()] if suffix else text.strip()
+    try:
+        return prompt_index(find_object(prompt).prompt), label
+    except UserInputError as exc:
+        raise UserInputError(f"sds.negative_prompt '{text}' is not a condition the synthetic prior knows ({exc}); "
+                             "name one of its prompts, optionally with ', front view' (or side, back, "
+                             "overhead), e.g. '{prompt}, front view'") from None
 
 
 class SyntheticGuidance(Guidance):
@@ -22,6 +42,10 @@ class SyntheticGuidance(Guidance):
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
         self.camera_neighbours = g.prior_camera_neighbours if g.prior_conditioning == "camera" else 0
         self.mean_warmup_fraction = g.prior_mean_warmup_fraction
+        self.sds = config.sds
+        self.overhead_elevation = config.camera.overhead_elevation
+        negative = negative_text(config.sds.negative_prompt, config.prompt)
+        self.negative = prior_condition(negative) if negative else None
 
     def to(self, device: torch.device) -> SyntheticGuidance:
         self.prior.to(device)
@@ -45,11 +69,18 @@ class SyntheticGuidance(Guidance):
         # Colour renders are judged against colour photos, textureless renders against textureless ones:
         # otherwise a grey render matches the prompt's textureless photos and colour is never learned.
         kind = self.prior.textureless == textureless
-        condition = self.prior.candidates(self.prompt_id, views, batch, kind, self.camera_neighbours)
+        # Perp-Neg passes views for its negatives even without view-dependent conditioning of the positive.
+        positive_views = views if self.sds.view_dependent else None
+        condition = self.prior.candidates(self.prompt_id, positive_views, batch, kind, self.camera_neighbours)
         # A camera-conditioned model keeps the camera when the prompt is dropped (MVDream's guidance);
         # a view label is part of the prompt and goes with it.
-        unconditional_views = views if self.camera_neighbours else None
-        everything = self.prior.candidates(None, unconditional_views, batch, kind, self.camera_neighbours)
+        unconditional_views = positive_views if self.camera_neighbours else None
+        if self.negative is not None:
+            prompt_id, label = self.negative
+            labelled = None if label is None else ViewCondition([label] * batch, *self._angles(batch, flat))
+            everything = self.prior.candidates(prompt_id, labelled, batch, kind)
+        else:
+            everything = self.prior.candidates(None, unconditional_views, batch, kind, self.camera_neighbours)
         if progress < self.mean_warmup_fraction:
             # A finite photo set's posterior is one-hot at every t in thousands of dimensions, so it picks
             # the photo nearest the render: early on, a blob's nearest photo is a roof-filled view from above
@@ -57,9 +88,33 @@ class SyntheticGuidance(Guidance):
             logits = torch.zeros(batch, self.prior.flat.shape[0], device=self.prior.flat.device)
         else:
             logits = self.prior.posterior_logits(flat, alpha_bar)
-        conditional = self.prior.mean_over(logits, condition)
         unconditional = self.prior.mean_over(logits, everything)
-        return conditional, unconditional, unconditional + guidance_scale * (conditional - unconditional)
+        interpolated = positive_views is not None and self.sds.view_embedding == "interpolated"
+        if not (interpolated or (self.sds.perp_neg and views is not None)):
+            conditional = self.prior.mean_over(logits, condition)
+            return conditional, unconditional, guided(unconditional, conditional, guidance_scale)
+        # The prior's analogue of blending text embeddings: blending the view labels' posterior means.
+        per_label = torch.stack([self.prior.mean_over(logits, self.prior.candidates(
+            self.prompt_id, ViewCondition([label] * batch, *self._angles(batch, flat)), batch, kind))
+            for label in VIEW_LABELS], dim=1)  # [B, 4, D]
+        if interpolated:
+            weights = view_weights(positive_views, True, self.overhead_elevation).to(per_label)
+            conditional = torch.einsum("bl,bld->bd", weights, per_label)
+        else:
+            conditional = self.prior.mean_over(logits, condition)
+        if not (self.sds.perp_neg and views is not None):
+            return conditional, unconditional, guided(unconditional, conditional, guidance_scale)
+        negatives, strengths = perp_neg_views(views, self.sds.perp_neg_weight * guidance_scale,
+                                              self.sds.perp_neg_front_decay, self.sds.perp_neg_side_decay)
+        negative_means = torch.einsum("bkl,bld->bkd", negatives.to(per_label), per_label)
+        return conditional, unconditional, guided(unconditional, conditional, guidance_scale, negative_means,
+                                                  strengths.to(per_label))
+
+    @staticmethod
+    def _angles(batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Placeholder camera angles for a condition given by its view label alone."""
+        zeros = torch.zeros(batch, device=like.device)
+        return zeros, zeros
 
     @torch.no_grad()
     def predict_noise(
