@@ -118,7 +118,10 @@ def _cmd_gallery(args: argparse.Namespace) -> int:
     runs = find_runs([Path(d) for d in args.dirs])
     if args.best:
         runs = best_per_prompt(runs, args.best)
-    print(write_gallery(runs, Path(args.out)))
+    try:
+        print(write_gallery(runs, Path(args.out)))
+    except OSError as exc:
+        raise UserInputError(f"cannot write {args.out} ({exc.strerror}); choose a writable --out") from None
     return 0
 
 
