@@ -300,11 +300,15 @@ def _kernel_cases(device: torch.device) -> dict[str, Any]:
     encoder = HashGridEncoding(16, 2, 19, 16, 2048, backend="torch").to(device)
     points = torch.rand(2**18, 3, generator=generator).to(device)
     rays, samples = 4096, 64
-    sigma = (torch.rand(rays, samples, generator=generator) * 5).to(device)
-    colour = torch.rand(rays, samples, 3, generator=generator).to(device)
-    delta = torch.full((rays, samples), 2.0 / samples, device=device)
-    t = torch.cumsum(delta, 1)
-    return {"encoder": encoder, "points": points, "composite": (sigma, colour, delta, t)}
+    # Packed, every ray with its full count: the dense layout's work, in the layout the renderer uses.
+    sigma = (torch.rand(rays * samples, generator=generator) * 5).to(device)
+    colour = torch.rand(rays * samples, 3, generator=generator).to(device)
+    delta = torch.full((rays * samples,), 2.0 / samples, device=device)
+    t = torch.cumsum(delta.reshape(rays, samples), 1).reshape(-1)
+    count = torch.full((rays,), samples, device=device, dtype=torch.long)
+    start = torch.arange(rays, device=device) * samples
+    return {"encoder": encoder, "points": points, "composite": (sigma, colour, delta, t, start, count),
+            "rays": rays, "samples": samples}
 
 
 def _kernel_bytes(case: dict[str, Any]) -> dict[str, float]:
@@ -314,10 +318,11 @@ def _kernel_bytes(case: dict[str, Any]) -> dict[str, float]:
     gathers = n * levels * 8 * features * 4
     encode_forward = n * 3 * 4 + gathers + n * levels * features * 4
     encode_backward = n * levels * features * 4 + 2 * gathers + n * 3 * 4 * 2
-    sigma = case["composite"][0]
-    rays, samples = sigma.shape
-    composite_forward = rays * samples * 4 * (3 + 3) + rays * samples * 4 + rays * 5 * 4
-    composite_backward = rays * samples * 4 * (3 + 3 + 1 + 1) + rays * samples * 4 * (1 + 3) + rays * 5 * 4
+    rays, samples = case["rays"], case["samples"]
+    layout = rays * 2 * 8  # start and count
+    composite_forward = rays * samples * 4 * (3 + 3) + rays * samples * 4 + rays * 5 * 4 + layout
+    composite_backward = (rays * samples * 4 * (3 + 3 + 1 + 1) + rays * samples * 4 * (1 + 3) + rays * 5 * 4
+                          + layout)
     return {
         "hash_encode forward": encode_forward,
         "hash_encode forward+backward": encode_forward + encode_backward,
@@ -331,7 +336,7 @@ def _time_kernels(case: dict[str, Any], backend: str, repeats: int) -> dict[str,
 
     encoder, points = case["encoder"], case["points"]
     args = (encoder.resolutions, encoder.level_offsets, encoder.level_sizes, encoder.dense_count)
-    sigma, colour, delta, t = case["composite"]
+    sigma, colour, delta, t, start, count = case["composite"]
 
     def encode_forward() -> None:
         with torch.no_grad():
@@ -342,11 +347,11 @@ def _time_kernels(case: dict[str, Any], backend: str, repeats: int) -> dict[str,
 
     def composite_forward() -> None:
         with torch.no_grad():
-            composite(sigma, colour, delta, t, backend=backend)
+            composite(sigma, colour, delta, t, start, count, backend=backend)
 
     def composite_forward_backward() -> None:
         s, c = sigma.clone().requires_grad_(True), colour.clone().requires_grad_(True)
-        _, rgb, opacity, depth = composite(s, c, delta, t, backend=backend)
+        _, rgb, opacity, depth = composite(s, c, delta, t, start, count, backend=backend)
         (rgb.sum() + opacity.sum() + depth.sum()).backward()
 
     return {
@@ -374,7 +379,10 @@ def _interpreter_check() -> dict[str, float]:
             .detach()
             .abs().max()),
     }
-    small = tuple(x[:64] for x in case["composite"])
+    sigma, colour, delta, t, start, count = case["composite"]
+    rays = 64
+    samples = int(count[:rays].sum())
+    small = (sigma[:samples], colour[:samples], delta[:samples], t[:samples], start[:rays], count[:rays])
     errors["composite max abs error"] = max(
         float((a - b).abs().max()) for a, b in zip(composite_triton(*small), composite_reference(*small), strict=True))
     return errors
@@ -390,7 +398,7 @@ def kernels(out: Path, repeats: int = 7) -> dict[str, Any]:
     payload: dict[str, Any] = {"machine": machine, "command": "dreamfusion bench kernels", "timings_s": timings,
                                "bytes": moved,
                                "sizes": "hash grid: 2^18 points, 16 levels x 2 features, table 2^19; "
-                                        "compositing: 4096 rays x 64 samples"}
+                                        "compositing: 4096 rays x 64 packed samples"}
     table = ["| kernel | backend | median ms | GB/s (minimum bytes / time) |", "|---|---|---|---|"]
     for backend, results in timings.items():
         for name, seconds in results.items():

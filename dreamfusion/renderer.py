@@ -12,7 +12,8 @@ from dreamfusion.cameras import CameraBatch, generate_rays
 from dreamfusion.field import RadianceField, density_from_log
 from triton_kernels import composite, march_rays, occupancy_update
 from triton_kernels import resolve as resolve_backend
-from triton_kernels.composite import STOP_TRANSMITTANCE
+from triton_kernels.composite import STOP_TRANSMITTANCE, transmittance
+from triton_kernels.march import PackedSamples
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
 
@@ -145,36 +146,26 @@ def render(
     else:
         offsets = torch.full((rays, samples_per_ray), 0.5, device=device)
     kernel_backend = resolve_backend(backend, origins.device)
-    points, t, keep = march_rays(
+    samples = march_rays(
         origins, directions, near, far, offsets, occupancy.occupied if occupancy is not None else None, kernel_backend
     )
-    delta = ((far - near) / samples_per_ray)[:, None].expand(rays, samples_per_ray)
-    flat_keep = keep.reshape(-1).nonzero().squeeze(1)
+    step = (far - near) / samples_per_ray
     if occupancy is not None and shading.needs_normals:
-        flat_keep = _before_termination(field, points, delta, flat_keep)
-    sample_points = points.reshape(-1, 3)[flat_keep]
-    sample_ray = flat_keep // samples_per_ray
+        samples = samples.select(_reached(field, samples, step[samples.ray]))
+    sample_ray = samples.ray
 
     normals = None
     if shading.needs_normals:
-        log_density, albedo, gradient = field.log_density_albedo_and_gradient(sample_points)
+        log_density, albedo, gradient = field.log_density_albedo_and_gradient(samples.points)
         normals = -gradient / gradient.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     else:
-        log_density, albedo = field.log_density_and_albedo(sample_points)
+        log_density, albedo = field.log_density_and_albedo(samples.points)
 
     colour = _shade(albedo, normals, cameras.light_directions[ray_camera[sample_ray]], shading)
-    sigma = density_from_log(log_density)
-    total = rays * samples_per_ray
-    sigma_dense = torch.zeros(total, dtype=sigma.dtype, device=device).index_copy(0, flat_keep, sigma)
-    colour_dense = torch.zeros(total, 3, dtype=colour.dtype, device=device).index_copy(0, flat_keep, colour)
-    weights, rgb, opacity, depth = composite(
-        sigma_dense.reshape(rays, samples_per_ray),
-        colour_dense.reshape(rays, samples_per_ray, 3),
-        delta,
-        t,
+    sample_weights, rgb, opacity, depth = composite(
+        density_from_log(log_density), colour, step[sample_ray], samples.t, samples.start, samples.count,
         backend=kernel_backend,
     )
-    sample_weights = weights.reshape(-1)[flat_keep]
     rgb = rgb + (1.0 - opacity)[:, None] * field.background(directions)
 
     orientation = torch.zeros((), device=device)
@@ -195,7 +186,7 @@ def render(
         depth=image(depth[:, None]),
         normals=image(normal_image) if normal_image is not None else None,
         orientation_loss=orientation,
-        samples_evaluated=int(flat_keep.numel()),
+        samples_evaluated=len(samples),
         samples_total=rays * samples_per_ray,
     )
 
@@ -249,21 +240,17 @@ def render_surface(field: RadianceField, cameras: CameraBatch, resolution: int, 
 
 
 @torch.no_grad()
-def _before_termination(field: RadianceField, points: torch.Tensor, delta: torch.Tensor,
-                        flat_keep: torch.Tensor) -> torch.Tensor:
-    """The samples of ``flat_keep`` a ray reaches with transmittance left (``STOP_TRANSMITTANCE``).
+def _reached(field: RadianceField, samples: PackedSamples, delta: torch.Tensor) -> torch.Tensor:
+    """Which packed samples their ray reaches with transmittance left (``STOP_TRANSMITTANCE``).
 
     Early termination for shaded steps: a density-only pass (no gradients, no normals) finds where each
     ray is spent, so the costly pass with normals never sees the samples behind a surface. Exact: the
     compositing gives those samples zero weight and no gradient, whatever the field says there.
     """
-    rays, samples = delta.shape
-    log_density, _ = field.log_density_and_albedo(points.reshape(-1, 3)[flat_keep])
-    optical = torch.zeros(rays * samples, device=delta.device).index_copy(
-        0, flat_keep, density_from_log(log_density).float() * delta.reshape(-1)[flat_keep]).reshape(rays, samples)
+    log_density, _ = field.log_density_and_albedo(samples.points)
     # As the compositing computes it, so both agree on the last sample a ray reaches.
-    transmittance = torch.exp(-(torch.cumsum(optical, dim=1) - optical))
-    return flat_keep[transmittance.reshape(-1)[flat_keep] >= STOP_TRANSMITTANCE]
+    before = transmittance(density_from_log(log_density).float() * delta, samples.start, samples.ray)
+    return before >= STOP_TRANSMITTANCE
 
 
 def render_batched(
