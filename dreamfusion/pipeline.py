@@ -194,12 +194,14 @@ def finish_run(trainer: Trainer, out: Path, wall_seconds: float, judge: ClipJudg
         paths, warnings, fidelity = export_artifacts(trainer, staging)
         paths["checkpoint"] = staging / CHECKPOINT
         metrics = {**compute_metrics(trainer, judge, rank_prompts), **fidelity}
+        post_training = time.perf_counter() - started
         summary = {
             "prompt": trainer.config.prompt,
             "config": trainer.config.to_dict(),
             "iterations": trainer.step,
             "skipped_steps": trainer.skipped_steps,
-            "wall_seconds": wall_seconds + time.perf_counter() - started,
+            "wall_seconds": wall_seconds + post_training,
+            "post_training_seconds": post_training,
             "metrics": metrics,
             "artifacts": {key: path.name for key, path in paths.items()},
             "warnings": warnings,

@@ -321,6 +321,7 @@ def results_table(result_grid, spec: SweepSpec):
             "step": metrics.get("step"),
             **{m: metrics.get(m) for m in TRAINING_METRICS + RESULT_METRICS},
             "wall_seconds": metrics.get("time_total_s"),
+            "post_training_seconds": metrics.get("post_training_seconds"),
             "mlflow_run_id": metrics.get("mlflow_run_id"),
             "artifact_uri": metrics.get("artifact_uri"),
             "node_id": metrics.get("node_id"),
@@ -328,7 +329,7 @@ def results_table(result_grid, spec: SweepSpec):
         }
         rows.append(row)
     table = pd.DataFrame(rows)
-    for metric in RESULT_METRICS + TRAINING_METRICS:
+    for metric in (*RESULT_METRICS, *TRAINING_METRICS, "post_training_seconds"):
         if metric in table and table[metric].isna().all():
             table = table.drop(columns=metric)
     return table
@@ -566,7 +567,7 @@ def format_table(table, metric: str = "", mode: str = "max") -> str:
     columns = [c for c in ("prompt", "seed") if c in table]
     columns += configuration_columns(table)
     columns += [c for c in ("status", *RESULT_METRICS[:4], *CLIP_SHOWN, *MESH_METRICS, "loss",
-                                        "wall_seconds") if c in table]
+                                        "wall_seconds", "post_training_seconds") if c in table]
     if metric in table and metric not in columns:
         columns.insert(columns.index("status") + 1, metric)
     shown = table[columns].copy()

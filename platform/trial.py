@@ -148,8 +148,10 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
             final = trainer.step >= config.iterations
             if final:
                 summary = finish_run(trainer, run_dir, time.perf_counter() - started, judge, rank_prompts)
-                metrics.update(summary["metrics"])
-                tracked.record(trainer.step, summary["metrics"])
+                # Checkpoint, export and metrics: what a trial spends after its last step, beside the steps' time.
+                finished = {**summary["metrics"], "post_training_seconds": summary["post_training_seconds"]}
+                metrics.update(finished)
+                tracked.record(trainer.step, finished)
                 artifacts = [run_dir / name for name in summary["artifacts"].values()]
                 tracked.log_artifacts([*artifacts, run_dir / SUMMARY])
                 if summary["warnings"]:  # e.g. an empty scene: no mesh; visible in the dashboard's table

@@ -111,7 +111,10 @@ def test_sweep_logs_every_trial_to_mlflow_and_writes_the_table(tmp_path, stale_r
     table = pd.read_parquet(workspace / "sweeps" / "e2e" / "results.parquet")
     assert len(table) == 4 and set(table["status"]) == {"FINISHED"}
     assert set(table["mlflow_run_id"]) == {c.info.run_id for c in children}
-    assert {"prompt", "seed", "sds.guidance_scale", "silhouette_iou", "wall_seconds", "artifact_uri"} <= set(table)
+    assert {"prompt", "seed", "sds.guidance_scale", "silhouette_iou", "wall_seconds", "post_training_seconds",
+            "artifact_uri"} <= set(table)
+    assert (table["post_training_seconds"] < table["wall_seconds"]).all()
+    assert "post_training_seconds" in children[0].data.metrics
 
     with tracking.TrackingServer(workspace / "mlflow") as server:  # artifacts are served over HTTP
         http = tracking.client(server.uri)
