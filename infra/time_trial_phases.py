@@ -1,0 +1,60 @@
+"""Seconds a sweep spec's trial spends training and after its last step (checkpoint, export, metrics),
+prompt by prompt, on one thread as a sweep trial with ``resources: {cpus: 1}`` runs.
+
+It uses only what every commit of the library has had (``Config``, ``apply_overrides``, ``Trainer``,
+``finish_run``), so one command compares two commits measured side by side:
+
+    git worktree add /tmp/before COMMIT
+    PYTHONPATH=/tmp/before python3 infra/time_trial_phases.py experiments/quickstart.yaml "a red ball" &
+    python3 infra/time_trial_phases.py experiments/quickstart.yaml "a red ball"; wait
+
+Prints one JSON line per prompt. The spec's first value of each searched key is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from dreamfusion.config import Config, apply_overrides
+from dreamfusion.pipeline import finish_run
+from dreamfusion.trainer import Trainer
+
+
+def settings(spec: dict) -> list[str]:
+    items = [f"{key}={value}" for key, value in (spec.get("config") or {}).items()]
+    for key, domain in ((spec.get("search") or {}).get("space") or {}).items():
+        values = domain.get("grid") or domain.get("choice") or [domain.get("low")]
+        items.append(f"{key}={values[0]}")
+    return items
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("prompts", nargs="*", help="default: the spec's prompts")
+    args = parser.parse_args()
+    spec = yaml.safe_load(args.spec.read_text())
+    torch.set_num_threads(1)
+    for prompt in args.prompts or spec["prompts"]:
+        config = apply_overrides(Config(prompt=prompt, iterations=spec["iterations"]), settings(spec))
+        started = time.perf_counter()
+        trainer = Trainer(config)
+        trainer.train()
+        trained = time.perf_counter()
+        with tempfile.TemporaryDirectory() as directory:
+            finish_run(trainer, Path(directory) / "run", trained - started)
+        print(json.dumps({"prompt": prompt, "train_s": round(trained - started, 1),
+                          "post_training_s": round(time.perf_counter() - trained, 1)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
