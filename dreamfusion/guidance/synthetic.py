@@ -77,8 +77,8 @@ class SyntheticGuidance(Guidance):
         unconditional_views = positive_views if self.camera_neighbours else None
         if self.negative is not None:
             prompt_id, label = self.negative
-            labelled = None if label is None else ViewCondition([label] * batch, *self._angles(batch, flat))
-            everything = self.prior.candidates(prompt_id, labelled, batch, kind)
+            everything = (self.prior.candidates(prompt_id, None, batch, kind) if label is None
+                          else self.prior.label_candidates(prompt_id, [label] * batch, kind))
         else:
             everything = self.prior.candidates(None, unconditional_views, batch, kind, self.camera_neighbours)
         if progress < self.mean_warmup_fraction:
@@ -94,9 +94,8 @@ class SyntheticGuidance(Guidance):
             conditional = self.prior.mean_over(logits, condition)
             return conditional, unconditional, guided(unconditional, conditional, guidance_scale)
         # The prior's analogue of blending text embeddings: blending the view labels' posterior means.
-        per_label = torch.stack([self.prior.mean_over(logits, self.prior.candidates(
-            self.prompt_id, ViewCondition([label] * batch, *self._angles(batch, flat)), batch, kind))
-            for label in VIEW_LABELS], dim=1)  # [B, 4, D]
+        per_label = torch.stack([self.prior.mean_over(logits, self.prior.label_candidates(
+            self.prompt_id, [label] * batch, kind)) for label in VIEW_LABELS], dim=1)  # [B, 4, D]
         if interpolated:
             weights = view_weights(positive_views, True, self.overhead_elevation).to(per_label)
             conditional = torch.einsum("bl,bld->bd", weights, per_label)
@@ -109,12 +108,6 @@ class SyntheticGuidance(Guidance):
         negative_means = torch.einsum("bkl,bld->bkd", negatives.to(per_label), per_label)
         return conditional, unconditional, guided(unconditional, conditional, guidance_scale, negative_means,
                                                   strengths.to(per_label))
-
-    @staticmethod
-    def _angles(batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Placeholder camera angles for a condition given by its view label alone."""
-        zeros = torch.zeros(batch, device=like.device)
-        return zeros, zeros
 
     @torch.no_grad()
     def predict_noise(

@@ -165,18 +165,27 @@ class SyntheticPrior:
         one ``kind`` (an ``[N]`` mask: colour or textureless photos), narrowed when ``views`` are given to
         each render's view label or, with ``camera_neighbours``, to each prompt's that many photos whose
         cameras are nearest the render's."""
-        allowed = torch.ones_like(self.prompt_ids, dtype=torch.bool) if kind is None else kind.to(self.flat.device)
-        if prompt_id is not None:
-            allowed = allowed & (self.prompt_ids == prompt_id)
+        allowed = self._allowed(prompt_id, kind)
         if views is None:
             return allowed.expand(batch, -1)
         if camera_neighbours:
             return self._nearest_photos(views, allowed, camera_neighbours)
+        return self.label_candidates(prompt_id, views.labels, kind)
+
+    def label_candidates(self, prompt_id: int | None, labels: list[str], kind: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """``[len(labels), N]`` mask of the photos of a condition given by view labels alone (a text such
+        as "..., back view"), one row per label; see ``candidates``."""
+        allowed = self._allowed(prompt_id, kind)
         rows = []
-        for label in views.labels:
+        for label in labels:
             mask = allowed & (self.view_ids == VIEW_LABELS.index(label))
             rows.append(mask if bool(mask.any()) else allowed)  # a label without photos: the whole prompt
         return torch.stack(rows)
+
+    def _allowed(self, prompt_id: int | None, kind: torch.Tensor | None) -> torch.Tensor:
+        allowed = torch.ones_like(self.prompt_ids, dtype=torch.bool) if kind is None else kind.to(self.flat.device)
+        return allowed if prompt_id is None else allowed & (self.prompt_ids == prompt_id)
 
     def _nearest_photos(self, views: ViewCondition, allowed: torch.Tensor, count: int) -> torch.Tensor:
         cosines = views.directions().to(self.directions) @ self.directions.T
