@@ -69,7 +69,7 @@ def write_samples(origins_ptr, directions_ptr, near_ptr, far_ptr, offsets_ptr, g
         tl.store(points_ptr + at * 3, px, mask=keep)
         tl.store(points_ptr + at * 3 + 1, py, mask=keep)
         tl.store(points_ptr + at * 3 + 2, pz, mask=keep)
-        tl.store(ray_ptr + at, ray, mask=keep)
+        tl.store(ray_ptr + at, ray.to(tl.int64), mask=keep)
         at += keep.to(tl.int64)
 
 
