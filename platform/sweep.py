@@ -478,8 +478,9 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False, address: s
             _write_atomic(ws.state, lambda p: p.write_text(json.dumps(
                 {"name": spec.name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
                  "tracking_uri_given": tracking_uri, "trials": total, "view_key": view_key}, indent=2)))
-        print(f"[sweep {spec.name}] {total} trials ({len(spec.prompts)} prompts); MLflow experiment "
-              f"'{spec.name}', parent run {parent_run_id}", file=sys.stderr, flush=True)
+        prompts = f"{len(spec.prompts)} prompt" + ("s" if len(spec.prompts) != 1 else "")
+        print(f"[sweep {spec.name}] {total} trials ({prompts}); MLflow experiment '{spec.name}', parent run "
+              f"{parent_run_id}", file=sys.stderr, flush=True)
         # "local" rather than None: Ray would otherwise join whatever cluster a stale
         # /tmp/ray/ray_current_cluster names (left by an old `ray start`) and hang on its dead GCS.
         stack.enter_context(quiet_ray(verbose))
