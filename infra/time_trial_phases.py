@@ -8,13 +8,16 @@ It uses only what every commit of the library has had (``Config``, ``apply_overr
     PYTHONPATH=/tmp/before python3 infra/time_trial_phases.py experiments/quickstart.yaml "a red ball" &
     python3 infra/time_trial_phases.py experiments/quickstart.yaml "a red ball"; wait
 
-Prints one JSON line per prompt. The spec's first value of each searched key is used.
+Prints one JSON line per prompt; with ``--profile N``, also the N functions of the post-training phase
+with the most cumulative time (cProfile). The spec's first value of each searched key is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import tempfile
 import time
@@ -40,6 +43,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path)
     parser.add_argument("prompts", nargs="*", help="default: the spec's prompts")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N functions of the post-training phase with the most cumulative time "
+                             "(the phase is then timed under the profiler)")
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
     torch.set_num_threads(1)
@@ -49,10 +55,17 @@ def main() -> int:
         trainer = Trainer(config)
         trainer.train()
         trained = time.perf_counter()
+        profiler = cProfile.Profile() if args.profile else None
         with tempfile.TemporaryDirectory() as directory:
+            if profiler:
+                profiler.enable()
             finish_run(trainer, Path(directory) / "run", trained - started)
+            if profiler:
+                profiler.disable()
         print(json.dumps({"prompt": prompt, "train_s": round(trained - started, 1),
                           "post_training_s": round(time.perf_counter() - trained, 1)}), flush=True)
+        if profiler:
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(args.profile)
     return 0
 
 
