@@ -19,10 +19,7 @@ def forward(sigma_ptr, colour_ptr, delta_ptr, t_ptr, start_ptr, count_ptr, weigh
     acc_opacity = tl.zeros([BLOCK], dtype=tl.float32)
     acc_depth = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(longest):
-        on = live & (i < count)
-        at = start + i
-        sigma = tl.load(sigma_ptr + at, mask=on, other=0.0)
-        delta = tl.load(delta_ptr + at, mask=on, other=0.0)
+        on, at, sigma, delta = _sample(sigma_ptr, delta_ptr, start, count, live, i)
         t = tl.load(t_ptr + at, mask=on, other=0.0)
         decay = tl.exp(-sigma * delta)
         weight = tl.where(transmittance >= stop_transmittance, (1.0 - decay) * transmittance, 0.0)
@@ -64,10 +61,7 @@ def backward(sigma_ptr, colour_ptr, delta_ptr, t_ptr, start_ptr, count_ptr, weig
     transmittance = tl.full([BLOCK], 1.0, tl.float32)
     prefix = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(longest):
-        on = live & (i < count)
-        at = start + i
-        sigma = tl.load(sigma_ptr + at, mask=on, other=0.0)
-        delta = tl.load(delta_ptr + at, mask=on, other=0.0)
+        on, at, sigma, delta = _sample(sigma_ptr, delta_ptr, start, count, live, i)
         weight = tl.load(weights_ptr + at, mask=on, other=0.0)
         g = _total_grad(colour_ptr, t_ptr, grad_weights_ptr, at, channel, channels, channel_ok, on, g_colour,
                         g_opacity, g_depth)
@@ -79,6 +73,14 @@ def backward(sigma_ptr, colour_ptr, delta_ptr, t_ptr, start_ptr, count_ptr, weig
         tl.store(grad_sample_colour_ptr + at[:, None] * channels + channel[None, :], weight[:, None] * g_colour,
                  mask=on[:, None] & channel_ok[None, :])
         transmittance = next_transmittance
+
+
+@triton.jit
+def _sample(sigma_ptr, delta_ptr, start, count, live, i):
+    """Sample ``i`` of each lane's ray: whether it exists, where it is packed, its density and step."""
+    on = live & (i < count)
+    at = start + i
+    return on, at, tl.load(sigma_ptr + at, mask=on, other=0.0), tl.load(delta_ptr + at, mask=on, other=0.0)
 
 
 @triton.jit
