@@ -15,11 +15,6 @@ import torch
 STOP_TRANSMITTANCE = 1e-4
 
 
-def sample_rays(start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """The ray of each packed sample."""
-    return torch.repeat_interleave(torch.arange(count.shape[0], device=count.device), count)
-
-
 def transmittance(optical: torch.Tensor, start: torch.Tensor, ray: torch.Tensor) -> torch.Tensor:
     """T before each packed sample, given each sample's optical thickness ``sigma * delta`` and ray."""
     # One running sum over every ray, less its value where each ray starts. In float64: the running sum
@@ -31,7 +26,7 @@ def transmittance(optical: torch.Tensor, start: torch.Tensor, ray: torch.Tensor)
 
 def composite_reference(sigma, colour, delta, t, start, count, stop_transmittance: float = STOP_TRANSMITTANCE):
     rays = count.shape[0]
-    ray = sample_rays(start, count)
+    ray = torch.repeat_interleave(torch.arange(rays, device=count.device), count)  # each sample's ray
     optical = sigma * delta
     before = transmittance(optical, start, ray)
     alpha = 1.0 - torch.exp(-optical)
