@@ -47,6 +47,8 @@ def main() -> int:
                         help="print the N functions of the post-training phase with the most cumulative time "
                              "(the phase is then timed under the profiler)")
     args = parser.parse_args()
+    if not args.spec.is_file():
+        parser.error(f"no spec at {args.spec}; give a sweep spec such as experiments/quickstart.yaml")
     spec = yaml.safe_load(args.spec.read_text())
     torch.set_num_threads(1)
     for prompt in args.prompts or spec["prompts"]:
