@@ -124,14 +124,15 @@ def speed(out: Path, repeats: int = 7, samples: int = 2**18, overrides: tuple[st
         for mode in STEP_MODES if occupancy else STEP_MODES[:2]:
             config.render.shading_ratios = (1.0, 0.0, 0.0) if mode == "albedo" else (0.0, 1.0, 0.0)
             config.field.normals = "autograd" if mode == "lambertian_autograd_normals" else "analytic"
-            fractions: list[float] = []
+            per_step: list[dict[str, float]] = []
 
-            def step(fractions: list = fractions, trainer: Trainer = trainer) -> None:
-                fractions.append(trainer.train_step()["sample_fraction"])
+            def step(per_step: list = per_step, trainer: Trainer = trainer) -> None:
+                per_step.append(trainer.train_step())
 
             key = f"sds_step_{size}px_{mode}_occupancy_{'on' if occupancy else 'off'}"
             results[key + "_s"] = _median_seconds(step, repeats)
-            results[key + "_sample_fraction"] = statistics.median(fractions)
+            for name in ("sample_fraction", "probe_fraction"):
+                results[f"{key}_{name}"] = statistics.median(metrics[name] for metrics in per_step)
 
     # What a trial does after training (checkpoint, mesh, videos, previews, metrics), with the grid and without.
     grid = trained.occupancy
@@ -167,8 +168,9 @@ def _speed_table(results: dict[str, float], size: int, batch: int, count: str) -
         on = results[f"sds_step_{size}px_{mode}_occupancy_on_s"]
         off = results[f"sds_step_{size}px_{mode}_occupancy_off_s"]
         fraction = results[f"sds_step_{size}px_{mode}_occupancy_on_sample_fraction"]
-        table.append(f"| SDS step, {size}x{size}, batch {batch}, {mode} shading, occupancy on "
-                     f"({fraction:.0%} of samples evaluated) | {on:.4g} |")
+        probed = results[f"sds_step_{size}px_{mode}_occupancy_on_probe_fraction"]
+        table.append(f"| SDS step, {size}x{size}, batch {batch}, {mode} shading, occupancy on ({fraction:.0%} of "
+                     f"samples evaluated, after a density-only pass over {probed:.0%}) | {on:.4g} |")
         table.append(f"| SDS step, {size}x{size}, batch {batch}, {mode} shading, occupancy off | {off:.4g} |")
         table.append(f"| ratio off/on ({mode}) | {off / on:.2f}x |")
     if "post_training_occupancy_on_s" in results:

@@ -20,7 +20,7 @@ from dreamfusion.config import ExportConfig
 from dreamfusion.field import RadianceField
 from dreamfusion.prior.shapes import find_object
 from dreamfusion.prior.synthetic import PHOTO_SHADING, SyntheticPrior, prompt_index, render_ground_truth
-from dreamfusion.renderer import OccupancyGrid, render_batched
+from dreamfusion.renderer import OccupancyGrid, render_batched_shadings
 
 EVAL_RESOLUTION = ExportConfig.eval_resolution
 EVAL_SAMPLES = ExportConfig.eval_samples_per_ray
@@ -48,10 +48,12 @@ def back_cameras() -> CameraBatch:
     return _ring([150.0, 165.0, 180.0, 195.0, 210.0])
 
 
-def _render(field: RadianceField, cameras: CameraBatch, mode: str, occupancy: OccupancyGrid | None,
-            resolution: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    out = render_batched(field, cameras, resolution, samples, replace(PHOTO_SHADING, mode=mode), occupancy)
-    return out.rgb.clamp(0, 1), out.opacity
+def _render(field: RadianceField, cameras: CameraBatch, modes: tuple[str, ...], occupancy: OccupancyGrid | None,
+            resolution: int, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The photos' shading in each of ``modes``, from one march."""
+    shadings = tuple(replace(PHOTO_SHADING, mode=mode) for mode in modes)
+    outputs = render_batched_shadings(field, cameras, resolution, samples, shadings, occupancy)
+    return [(out.rgb.clamp(0, 1), out.opacity) for out in outputs]
 
 
 def _downsample(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,8 +78,8 @@ def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
     obj = find_object(prompt)
     target = prompt_index(prompt)
     cameras = held_out_cameras()
-    colour, opacity = _render(field, cameras, "lambertian", occupancy, resolution, samples)
-    textureless, _ = _render(field, cameras, "textureless", occupancy, resolution, samples)
+    (colour, opacity), (textureless, _) = _render(field, cameras, ("lambertian", "textureless"), occupancy,
+                                                  resolution, samples)
     truth_colour, truth_opacity = render_ground_truth(obj, cameras, resolution, backdrop=prior.spec.backdrop)
 
     size = prior.resolution
@@ -90,8 +92,8 @@ def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
         "r_precision_textureless": float((textureless_guess == target).float().mean()),
     }
     if obj.has_front:
-        back, _ = _render(field, back_cameras(), "lambertian", occupancy, resolution, samples)
-        front, _ = _render(field, front_cameras(), "lambertian", occupancy, resolution, samples)
+        [(back, _)] = _render(field, back_cameras(), ("lambertian",), occupancy, resolution, samples)
+        [(front, _)] = _render(field, front_cameras(), ("lambertian",), occupancy, resolution, samples)
         back_labels = prior.classify_views(_downsample(back, size), target)
         front_labels = prior.classify_views(_downsample(front, size), target)
         metrics["janus_rate"] = sum(label == "front" for label in back_labels) / len(back_labels)

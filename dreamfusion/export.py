@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from dreamfusion.cameras import CameraBatch, cameras_from_angles
 from dreamfusion.field import RadianceField
 from dreamfusion.mesh import TexturedMesh
-from dreamfusion.renderer import OccupancyGrid, Shading, render_batched
+from dreamfusion.renderer import OccupancyGrid, Shading, render_batched, render_batched_shadings
 
 
 @torch.no_grad()
@@ -70,8 +70,9 @@ def render_previews(field: RadianceField, shading_for, views: int = 4, resolutio
     def row(images: torch.Tensor) -> np.ndarray:
         return image_strip(images).numpy()
 
-    colour = render_batched(field, cameras, resolution, 64, shading_for("albedo"), occupancy)
-    textureless = render_batched(field, cameras, resolution, 64, shading_for("textureless"), occupancy, deferred=True)
+    colour, textureless = render_batched_shadings(field, cameras, resolution, 64,
+                                                  (shading_for("albedo"), shading_for("textureless")), occupancy,
+                                                  deferred=True)
     # Normals in [-1, 1] drawn as colour on white where the object is transparent.
     normals = textureless.normals * 0.5 + 0.5
     normals = normals * textureless.opacity + (1 - textureless.opacity)

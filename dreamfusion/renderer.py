@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -12,7 +13,7 @@ from dreamfusion.cameras import CameraBatch, generate_rays
 from dreamfusion.field import RadianceField, density_from_log
 from triton_kernels import composite, march_rays, occupancy_update
 from triton_kernels import resolve as resolve_backend
-from triton_kernels.composite import STOP_TRANSMITTANCE, transmittance
+from triton_kernels.composite import STOP_TRANSMITTANCE
 from triton_kernels.march import PackedSamples
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
@@ -41,8 +42,9 @@ class RenderOutput:
     depth: torch.Tensor  # [B, 1, H, W]
     normals: torch.Tensor | None  # [B, 3, H, W] world-space, composited; None when not computed
     orientation_loss: torch.Tensor  # scalar
-    samples_evaluated: int
-    samples_total: int
+    samples_evaluated: int  # samples composited (in training: evaluated with gradients)
+    samples_total: int  # the dense march's samples
+    samples_probed: int = 0  # samples the density-only early-termination pass evaluated
 
 
 class OccupancyGrid(nn.Module):
@@ -121,9 +123,27 @@ def render(
     ``deferred`` (inference only) shades each pixel once, with the normal at its expected surface point,
     instead of each sample: one normal per pixel rather than per sample, for exports and previews.
     """
-    if deferred and shading.needs_normals:
+    return render_shadings(field, cameras, resolution, samples_per_ray, (shading,), occupancy, generator, backend,
+                           deferred)[0]
+
+
+def render_shadings(
+    field: RadianceField,
+    cameras: CameraBatch,
+    resolution: int,
+    samples_per_ray: int,
+    shadings: tuple[Shading, ...],
+    occupancy: OccupancyGrid | None = None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    deferred: bool = False,
+) -> list[RenderOutput]:
+    """``render`` in several shadings from one march: the field is evaluated once, and only the colour each
+    sample (or, ``deferred``, each pixel) composites differs between them."""
+    if deferred and any(shading.needs_normals for shading in shadings):
         surface = render_surface(field, cameras, resolution, samples_per_ray, occupancy, backend)
-        return surface.shade(shading, len(cameras), resolution)
+        return [surface.shade(shading, len(cameras), resolution) if shading.needs_normals else surface.albedo
+                for shading in shadings]
     batch = len(cameras)
     device = module_device(field)
     cameras = cameras.to(device)
@@ -150,45 +170,57 @@ def render(
         origins, directions, near, far, offsets, occupancy.occupied if occupancy is not None else None, kernel_backend
     )
     step = (far - near) / samples_per_ray
-    if occupancy is not None and shading.needs_normals:
-        samples = samples.select(_reached(field, samples, step[samples.ray]))
+    needs_normals = any(shading.needs_normals for shading in shadings)
+    probed = 0
+    evaluated = None
+    if occupancy is not None:
+        reached, log_density, albedo, probed = _march_until_spent(field, samples, step[samples.ray])
+        samples = samples.select(reached)
+        if not needs_normals and not torch.is_grad_enabled():
+            evaluated = log_density, albedo  # inference needs nothing more of the field
     sample_ray = samples.ray
 
     normals = None
-    if shading.needs_normals:
+    if needs_normals:
         log_density, albedo, gradient = field.log_density_albedo_and_gradient(samples.points)
         normals = -gradient / gradient.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    elif evaluated is not None:
+        log_density, albedo = evaluated
     else:
         log_density, albedo = field.log_density_and_albedo(samples.points)
-
-    colour = _shade(albedo, normals, cameras.light_directions[ray_camera[sample_ray]], shading)
-    sample_weights, rgb, opacity, depth = composite(
-        density_from_log(log_density), colour, step[sample_ray], samples.t, samples.start, samples.count,
-        backend=kernel_backend,
-    )
-    rgb = rgb + (1.0 - opacity)[:, None] * field.background(directions)
-
-    orientation = torch.zeros((), device=device)
-    normal_image = None
-    if normals is not None:
-        facing_away = (normals * directions[sample_ray]).sum(-1).clamp_min(0.0) ** 2
-        orientation = (sample_weights.detach() * facing_away).sum() / rays
-        normal_image = torch.zeros(rays, 3, dtype=normals.dtype, device=device).index_add(
-            0, sample_ray, sample_weights[:, None] * normals
-        )
+    density = density_from_log(log_density)
+    light = cameras.light_directions[ray_camera[sample_ray]]
+    background = field.background(directions)
 
     def image(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(batch, resolution, resolution, -1).permute(0, 3, 1, 2)
 
-    return RenderOutput(
-        rgb=image(rgb),
-        opacity=image(opacity[:, None]),
-        depth=image(depth[:, None]),
-        normals=image(normal_image) if normal_image is not None else None,
-        orientation_loss=orientation,
-        samples_evaluated=len(samples),
-        samples_total=rays * samples_per_ray,
-    )
+    outputs = []
+    for shading in shadings:
+        sample_weights, rgb, opacity, depth = composite(
+            density, _shade(albedo, normals, light, shading), step[sample_ray], samples.t, samples.start,
+            samples.count, backend=kernel_backend,
+        )
+        rgb = rgb + (1.0 - opacity)[:, None] * background
+        orientation = torch.zeros((), device=device)
+        normal_image = None
+        if normals is not None:
+            facing_away = (normals * directions[sample_ray]).sum(-1).clamp_min(0.0) ** 2
+            orientation = (sample_weights.detach() * facing_away).sum() / rays
+            normal_image = torch.zeros(rays, 3, dtype=normals.dtype, device=device).index_add(
+                0, sample_ray, sample_weights[:, None] * normals
+            )
+        outputs.append(RenderOutput(
+            rgb=image(rgb),
+            opacity=image(opacity[:, None]),
+            depth=image(depth[:, None]),
+            normals=image(normal_image) if normal_image is not None else None,
+            orientation_loss=orientation,
+            samples_evaluated=len(samples),
+            samples_probed=probed,
+            samples_total=rays * samples_per_ray,
+        ))
+    return outputs
 
 
 @dataclass
@@ -239,18 +271,52 @@ def render_surface(field: RadianceField, cameras: CameraBatch, resolution: int, 
     return Surface(albedo, surface_albedo, opacity, normals, background, light, int(points.shape[0]))
 
 
-@torch.no_grad()
-def _reached(field: RadianceField, samples: PackedSamples, delta: torch.Tensor) -> torch.Tensor:
-    """Which packed samples their ray reaches with transmittance left (``STOP_TRANSMITTANCE``).
+# Samples per ray that the termination pass evaluates at a time: past a ray's last one worth compositing it
+# evaluates at most this many more.
+TERMINATION_SEGMENT = 8
 
-    Early termination for shaded steps: a density-only pass (no gradients, no normals) finds where each
-    ray is spent, so the costly pass with normals never sees the samples behind a surface. Exact: the
-    compositing gives those samples zero weight and no gradient, whatever the field says there.
+
+@torch.no_grad()
+def _march_until_spent(field: RadianceField, samples: PackedSamples, delta: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Which packed samples their ray reaches with transmittance left (``STOP_TRANSMITTANCE``), the field's
+    log-density and albedo at those, and how many samples it evaluated to find them.
+
+    Early termination: a density-only pass (no gradients, no normals) walks the rays front to back,
+    ``TERMINATION_SEGMENT`` samples at a time, and stops evaluating a ray once it is spent. Exact: the
+    compositing gives the samples behind zero weight and no gradient, whatever the field says there.
     """
-    log_density, _ = field.log_density_and_albedo(samples.points)
-    # As the compositing computes it, so both agree on the last sample a ray reaches.
-    before = transmittance(density_from_log(log_density).float() * delta, samples.start, samples.ray)
-    return before >= STOP_TRANSMITTANCE
+    count = len(samples)
+    device = samples.t.device
+    position = torch.arange(count, device=device) - samples.start[samples.ray]  # a sample's index on its ray
+    reached = torch.zeros(count, dtype=torch.bool, device=device)
+    log_density = torch.empty(count, device=device)
+    albedo = torch.empty(count, 3, device=device)
+    # Optical thickness each ray has crossed so far, in float64 as the compositing sums it.
+    crossed = torch.zeros(samples.count.shape[0], dtype=torch.float64, device=device)
+    spent_at = -math.log(STOP_TRANSMITTANCE)
+    longest = int(samples.count.max()) if count else 0
+    probed = 0
+    for first in range(0, longest, TERMINATION_SEGMENT):
+        segment = (position >= first) & (position < first + TERMINATION_SEGMENT) & (crossed <= spent_at)[samples.ray]
+        index = segment.nonzero().squeeze(1)
+        if index.numel() == 0:
+            break  # every ray is spent or out of samples
+        probed += index.numel()
+        segment_log_density, segment_albedo = field.log_density_and_albedo(samples.points[index])
+        optical = (density_from_log(segment_log_density).double() * delta[index])
+        ray = samples.ray[index]
+        # Each ray's samples are contiguous in the segment and its first is at ``first``.
+        exclusive = torch.cumsum(optical, 0) - optical
+        opens = (position[index] == first).nonzero().squeeze(1)
+        run = torch.cumsum((position[index] == first).long(), 0) - 1
+        before = crossed[ray] + exclusive - exclusive[opens][run]
+        keep = before <= spent_at
+        reached[index] = keep
+        log_density[index] = segment_log_density.float()
+        albedo[index] = segment_albedo.float()
+        crossed.index_add_(0, ray, optical)
+    return reached, log_density[reached], albedo[reached], probed
 
 
 def render_batched(
@@ -265,12 +331,32 @@ def render_batched(
 ) -> RenderOutput:
     """Inference rendering a few cameras at a time, to bound memory at any resolution or count
     (``deferred``: shade each pixel once, see ``render``)."""
+    return render_batched_shadings(field, cameras, resolution, samples_per_ray, (shading,), occupancy, max_samples,
+                                   deferred)[0]
+
+
+def render_batched_shadings(
+    field: RadianceField,
+    cameras: CameraBatch,
+    resolution: int,
+    samples_per_ray: int,
+    shadings: tuple[Shading, ...],
+    occupancy: OccupancyGrid | None = None,
+    max_samples: int = 2**20,
+    deferred: bool = False,
+) -> list[RenderOutput]:
+    """``render_batched`` in several shadings from one march (``render_shadings``)."""
     per_camera = max(1, max_samples // (resolution * resolution * samples_per_ray))
     parts = []
     with torch.no_grad():
         for start in range(0, len(cameras), per_camera):
             part = cameras.slice(start, start + per_camera)
-            parts.append(render(field, part, resolution, samples_per_ray, shading, occupancy, deferred=deferred))
+            parts.append(render_shadings(field, part, resolution, samples_per_ray, shadings, occupancy,
+                                         deferred=deferred))
+    return [_concatenated([chunk[index] for chunk in parts]) for index in range(len(shadings))]
+
+
+def _concatenated(parts: list[RenderOutput]) -> RenderOutput:
     normals = [p.normals for p in parts]
     # Inference results feed exports and metrics on the CPU, whatever device rendered them.
     return RenderOutput(
@@ -281,6 +367,7 @@ def render_batched(
         orientation_loss=torch.stack([p.orientation_loss.cpu() for p in parts]).mean(),
         samples_evaluated=sum(p.samples_evaluated for p in parts),
         samples_total=sum(p.samples_total for p in parts),
+        samples_probed=sum(p.samples_probed for p in parts),
     )
 
 

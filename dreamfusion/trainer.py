@@ -173,6 +173,8 @@ class Trainer:
             "timestep": sds.timestep,
             "lr": self.scheduler.get_last_lr()[0],
             "sample_fraction": output.samples_evaluated / output.samples_total,
+            # The density-only early-termination pass's share (0 without the grid).
+            "probe_fraction": output.samples_probed / output.samples_total,
             "occupied_fraction": self.occupancy.occupied_fraction if self.occupancy is not None else 1.0,
             "skipped_steps": float(self.skipped_steps),
             "shading": float(SHADING_MODES.index(shading.mode)),

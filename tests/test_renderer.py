@@ -4,10 +4,20 @@ import torch.nn.functional as F
 
 from dreamfusion.cameras import cameras_from_angles, generate_rays, sample_cameras, view_label
 from dreamfusion.config import CameraConfig
-from dreamfusion.field import RadianceField
+from dreamfusion.field import RadianceField, density_from_log
 from dreamfusion.prior.shapes import OBJECTS, SDFField, find_object
-from dreamfusion.renderer import OccupancyGrid, Shading, render
+from dreamfusion.renderer import (
+    TERMINATION_SEGMENT,
+    OccupancyGrid,
+    Shading,
+    _march_until_spent,
+    render,
+    render_batched_shadings,
+    render_shadings,
+)
 from dreamfusion.trainer import Trainer
+from triton_kernels import march_rays
+from triton_kernels.composite import STOP_TRANSMITTANCE, transmittance
 
 
 class EmptyField(RadianceField):
@@ -139,7 +149,47 @@ def test_renders_with_the_grid_match_renders_without_it_on_a_trained_field():
         assert float((skipped.rgb - full.rgb).abs().mean()) < 0.003, mode
 
 
-def test_early_termination_gives_the_gradients_of_the_dense_path():
+def test_the_termination_pass_keeps_exactly_the_samples_the_compositing_weighs():
+    ball = SDFField(find_object("a red ball"))
+    cams = front_camera(2, azimuth=30.0, elevation=20.0)
+    origins, directions = (x.reshape(-1, 3) for x in generate_rays(cams, 16))
+    b = (origins * directions).sum(-1)
+    root = (b * b - (origins * origins).sum(-1) + 1.0).clamp_min(0).sqrt()
+    near, far = (-b - root).clamp_min(0.0), (-b + root).clamp_min(0.0)
+    samples = march_rays(origins, directions, near, far, torch.rand(origins.shape[0], 64), None, "torch")
+    delta = ((far - near) / 64)[samples.ray]
+    reached, log_density, albedo, probed = _march_until_spent(ball, samples, delta)
+
+    every_log_density, every_albedo = ball.log_density_and_albedo(samples.points)
+    before = transmittance(density_from_log(every_log_density) * delta, samples.start, samples.ray)
+    assert torch.equal(reached, before >= STOP_TRANSMITTANCE)
+    torch.testing.assert_close(log_density, every_log_density[reached])
+    torch.testing.assert_close(albedo, every_albedo[reached])
+    # Rays through the ball stop: a spent ray is evaluated at most one segment past its last sample.
+    assert int(reached.sum()) < probed < len(samples)
+    rays = int((samples.count > 0).sum())
+    assert probed <= int(reached.sum()) + TERMINATION_SEGMENT * rays
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["each sample", "deferred"])
+def test_one_march_renders_each_shading_as_its_own_render_does(deferred):
+    ball = SDFField(find_object("a red ball"))
+    grid = OccupancyGrid(resolution=16, min_optical_thickness=0.01, step_size=2.0 / 48)
+    grid.update(ball, torch.Generator().manual_seed(0))
+    cams = front_camera(3, azimuth=50.0, elevation=10.0)
+    shadings = (Shading("albedo"), Shading("lambertian"), Shading("textureless"))
+    together = render_shadings(ball, cams, 16, 48, shadings, grid, deferred=deferred)
+    batched = render_batched_shadings(ball, cams, 16, 48, shadings, grid, max_samples=16 * 16 * 48, deferred=deferred)
+    for shading, one, chunked in zip(shadings, together, batched, strict=True):
+        alone = render(ball, cams, 16, 48, shading, grid, deferred=deferred)
+        torch.testing.assert_close(one.rgb, alone.rgb, rtol=0, atol=1e-6)
+        torch.testing.assert_close(chunked.rgb, alone.rgb, rtol=0, atol=1e-6)
+        torch.testing.assert_close(one.opacity, alone.opacity, rtol=0, atol=1e-6)
+        assert one.samples_evaluated == alone.samples_evaluated
+
+
+@pytest.mark.parametrize("mode", ["albedo", "lambertian"])
+def test_early_termination_gives_the_gradients_of_the_dense_path(mode):
     from tests.conftest import tiny_config
 
     trainer = Trainer(tiny_config("a red ball", iterations=20))
@@ -149,7 +199,7 @@ def test_early_termination_gives_the_gradients_of_the_dense_path():
     grads, evaluated = [], []
     for grid in (None, everything):
         trainer.field.zero_grad(set_to_none=True)
-        out = render(trainer.field, cams, 16, 32, trainer.shading("lambertian"), occupancy=grid,
+        out = render(trainer.field, cams, 16, 32, trainer.shading(mode), occupancy=grid,
                      generator=torch.Generator().manual_seed(3))
         (out.rgb.square().sum() + out.opacity.sum() + out.orientation_loss).backward()
         grads.append(trainer.field.encoder.table.grad.clone())
