@@ -13,7 +13,7 @@ from dreamfusion.cameras import CameraBatch, generate_rays
 from dreamfusion.field import RadianceField, density_from_log
 from triton_kernels import composite, march_rays, occupancy_update
 from triton_kernels import resolve as resolve_backend
-from triton_kernels.composite import STOP_TRANSMITTANCE
+from triton_kernels.composite import STOP_TRANSMITTANCE, transmittance
 from triton_kernels.march import PackedSamples
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
@@ -195,32 +195,33 @@ def render_shadings(
     def image(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(batch, resolution, resolution, -1).permute(0, 3, 1, 2)
 
-    outputs = []
-    for shading in shadings:
-        sample_weights, rgb, opacity, depth = composite(
-            density, _shade(albedo, normals, light, shading), step[sample_ray], samples.t, samples.start,
-            samples.count, backend=kernel_backend,
-        )
-        rgb = rgb + (1.0 - opacity)[:, None] * background
-        orientation = torch.zeros((), device=device)
-        normal_image = None
-        if normals is not None:
-            facing_away = (normals * directions[sample_ray]).sum(-1).clamp_min(0.0) ** 2
-            orientation = (sample_weights.detach() * facing_away).sum() / rays
-            normal_image = torch.zeros(rays, 3, dtype=normals.dtype, device=device).index_add(
-                0, sample_ray, sample_weights[:, None] * normals
-            )
-        outputs.append(RenderOutput(
-            rgb=image(rgb),
+    # One compositing of every shading's colour side by side: the weights depend on the density alone.
+    colours = torch.cat([_shade(albedo, normals, light, shading) for shading in shadings], dim=-1)
+    sample_weights, rgb, opacity, depth = composite(
+        density, colours, step[sample_ray], samples.t, samples.start, samples.count, backend=kernel_backend,
+    )
+    orientation = torch.zeros((), device=device)
+    normal_image = None
+    if normals is not None:
+        facing_away = (normals * directions[sample_ray]).sum(-1).clamp_min(0.0) ** 2
+        orientation = (sample_weights.detach() * facing_away).sum() / rays
+        normal_image = image(torch.zeros(rays, 3, dtype=normals.dtype, device=device).index_add(
+            0, sample_ray, sample_weights[:, None] * normals
+        ))
+    unseen = (1.0 - opacity)[:, None] * background
+    return [
+        RenderOutput(
+            rgb=image(shaded + unseen),
             opacity=image(opacity[:, None]),
             depth=image(depth[:, None]),
-            normals=image(normal_image) if normal_image is not None else None,
+            normals=normal_image,
             orientation_loss=orientation,
             samples_evaluated=len(samples),
             samples_probed=probed,
             samples_total=rays * samples_per_ray,
-        ))
-    return outputs
+        )
+        for shaded in rgb.split(3, dim=-1)
+    ]
 
 
 @dataclass
@@ -294,7 +295,7 @@ def _march_until_spent(field: RadianceField, samples: PackedSamples, delta: torc
     albedo = torch.empty(count, 3, device=device)
     # Optical thickness each ray has crossed so far, in float64 as the compositing sums it.
     crossed = torch.zeros(samples.count.shape[0], dtype=torch.float64, device=device)
-    spent_at = -math.log(STOP_TRANSMITTANCE)
+    spent_at = -math.log(STOP_TRANSMITTANCE)  # the optical thickness that leaves a ray spent
     longest = int(samples.count.max()) if count else 0
     probed = 0
     for first in range(0, longest, TERMINATION_SEGMENT):
@@ -306,12 +307,12 @@ def _march_until_spent(field: RadianceField, samples: PackedSamples, delta: torc
         segment_log_density, segment_albedo = field.log_density_and_albedo(samples.points[index])
         optical = (density_from_log(segment_log_density).double() * delta[index])
         ray = samples.ray[index]
-        # Each ray's samples are contiguous in the segment and its first is at ``first``.
-        exclusive = torch.cumsum(optical, 0) - optical
-        opens = (position[index] == first).nonzero().squeeze(1)
-        run = torch.cumsum((position[index] == first).long(), 0) - 1
-        before = crossed[ray] + exclusive - exclusive[opens][run]
-        keep = before <= spent_at
+        # Each ray's samples are contiguous in the segment and its first is at ``first``: each is a run of
+        # its own for ``transmittance``, which continues from what the ray crossed before.
+        opening = position[index] == first
+        run = torch.cumsum(opening.long(), 0) - 1
+        before = torch.exp(-crossed[ray]) * transmittance(optical, opening.nonzero().squeeze(1), run)
+        keep = before >= STOP_TRANSMITTANCE
         reached[index] = keep
         log_density[index] = segment_log_density.float()
         albedo[index] = segment_albedo.float()
