@@ -5,7 +5,9 @@
   p(prompt | image) is the run's prompt (DreamFusion's protocol, this classifier in CLIP's place),
   on colour renders and on textureless renders;
 - for objects with a front: Janus rate (back views classified as front views) and front recall
-  (front views classified as front views).
+  (front views classified as front views);
+- ``normal_error_deg``: the rendered normals against the true surface's (``dreamfusion.geometry``, which
+  also scores the exported mesh in 3D: ``chamfer``, ``fscore``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import torch.nn.functional as F
 from dreamfusion.cameras import CameraBatch, cameras_from_angles
 from dreamfusion.config import ExportConfig
 from dreamfusion.field import RadianceField
+from dreamfusion.geometry import normal_error_from_render
 from dreamfusion.prior.shapes import find_object
 from dreamfusion.prior.synthetic import PHOTO_SHADING, SyntheticPrior, prompt_index, render_ground_truth
-from dreamfusion.renderer import OccupancyGrid, render_batched_shadings
+from dreamfusion.renderer import OccupancyGrid, RenderOutput, render_batched_shadings
 
 EVAL_RESOLUTION = ExportConfig.eval_resolution
 EVAL_SAMPLES = ExportConfig.eval_samples_per_ray
@@ -49,11 +52,10 @@ def back_cameras() -> CameraBatch:
 
 
 def _render(field: RadianceField, cameras: CameraBatch, modes: tuple[str, ...], occupancy: OccupancyGrid | None,
-            resolution: int, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            resolution: int, samples: int) -> list[RenderOutput]:
     """The photos' shading in each of ``modes``, from one march."""
     shadings = tuple(replace(PHOTO_SHADING, mode=mode) for mode in modes)
-    outputs = render_batched_shadings(field, cameras, resolution, samples, shadings, occupancy)
-    return [(out.rgb.clamp(0, 1), out.opacity) for out in outputs]
+    return render_batched_shadings(field, cameras, resolution, samples, shadings, occupancy)
 
 
 def _downsample(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -78,8 +80,8 @@ def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
     obj = find_object(prompt)
     target = prompt_index(prompt)
     cameras = held_out_cameras()
-    (colour, opacity), (textureless, _) = _render(field, cameras, ("lambertian", "textureless"), occupancy,
-                                                  resolution, samples)
+    lit, shadeless = _render(field, cameras, ("lambertian", "textureless"), occupancy, resolution, samples)
+    colour, opacity, textureless = lit.rgb.clamp(0, 1), lit.opacity, shadeless.rgb.clamp(0, 1)
     truth_colour, truth_opacity = render_ground_truth(obj, cameras, resolution, backdrop=prior.spec.backdrop)
 
     size = prior.resolution
@@ -90,12 +92,13 @@ def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
         "psnr": psnr(colour, truth_colour),
         "r_precision_colour": float((colour_guess == target).float().mean()),
         "r_precision_textureless": float((textureless_guess == target).float().mean()),
+        **normal_error_from_render(obj.prompt, cameras, resolution, lit.normals, opacity),
     }
     if obj.has_front:
-        [(back, _)] = _render(field, back_cameras(), ("lambertian",), occupancy, resolution, samples)
-        [(front, _)] = _render(field, front_cameras(), ("lambertian",), occupancy, resolution, samples)
-        back_labels = prior.classify_views(_downsample(back, size), target)
-        front_labels = prior.classify_views(_downsample(front, size), target)
+        [back] = _render(field, back_cameras(), ("lambertian",), occupancy, resolution, samples)
+        [front] = _render(field, front_cameras(), ("lambertian",), occupancy, resolution, samples)
+        back_labels = prior.classify_views(_downsample(back.rgb.clamp(0, 1), size), target)
+        front_labels = prior.classify_views(_downsample(front.rgb.clamp(0, 1), size), target)
         metrics["janus_rate"] = sum(label == "front" for label in back_labels) / len(back_labels)
         metrics["front_recall"] = sum(label == "front" for label in front_labels) / len(front_labels)
     return metrics

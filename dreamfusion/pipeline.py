@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import trimesh
+
 from dreamfusion.clip_eval import ClipJudge, ranking_prompts
 from dreamfusion.config import Config, resolve_device
 from dreamfusion.errors import UserInputError
@@ -67,10 +69,18 @@ MESH_PSNR_WARNING = 20.0
 MESH_IOU_WARNING = 0.85
 
 
-def export_artifacts(trainer: Trainer, directory: Path) -> tuple[dict[str, Path], list[str], dict[str, float]]:
-    """The run's files in ``directory``, warnings about what could not be exported, and the mesh's fidelity
+def export_mesh(trainer: Trainer) -> trimesh.Trimesh:
+    """The run's mesh as the export writes it (before texturing); ``NoSurfaceError`` for an empty scene."""
+    export = trainer.config.export
+    return extract_mesh(trainer.field, export.mesh_resolution, export.density_threshold, occupancy=trainer.occupancy,
+                        min_component_share=export.min_component_share, max_faces=export.max_faces)
+
+
+def export_artifacts(trainer: Trainer, directory: Path
+                     ) -> tuple[dict[str, Path], list[str], dict[str, float], trimesh.Trimesh | None]:
+    """The run's files in ``directory``, warnings about what could not be exported, the mesh's fidelity
     metrics (``mesh_psnr``, ``mesh_silhouette_iou``: the textured mesh against the field's albedo renders at
-    the held-out cameras).
+    the held-out cameras) and the mesh (None for an empty scene).
 
     A field that ended empty is a result, not a crash: a sweep records its metrics, videos and
     previews; only the mesh and the viewer, which need a surface, are left out.
@@ -81,10 +91,9 @@ def export_artifacts(trainer: Trainer, directory: Path) -> tuple[dict[str, Path]
     paths: dict[str, Path] = {}
     warnings: list[str] = []
     fidelity: dict[str, float] = {}
+    mesh: trimesh.Trimesh | None = None
     try:
-        mesh = extract_mesh(trainer.field, cfg.export.mesh_resolution, cfg.export.density_threshold,
-                            occupancy=trainer.occupancy, min_component_share=cfg.export.min_component_share,
-                            max_faces=cfg.export.max_faces)
+        mesh = export_mesh(trainer)
     except NoSurfaceError as exc:
         warnings.append(f"no mesh or viewer exported: {exc}")
     else:
@@ -107,21 +116,33 @@ def export_artifacts(trainer: Trainer, directory: Path) -> tuple[dict[str, Path]
     if cfg.export.progress_snapshots:
         trainer.record_snapshot()  # the final state, as the last row
         paths["progress"] = write_progress(trainer.snapshots, directory / "progress.png")
-    return paths, warnings, fidelity
+    return paths, warnings, fidelity, mesh
 
 
-def compute_metrics(trainer: Trainer, judge: ClipJudge | None = None, rank_prompts: list[str] | None = None
-                    ) -> dict[str, float]:
-    """The synthetic prior's metrics where the prompt is one of its objects; with a CLIP ``judge``, the CLIP
-    scores too, and R-precision among ``rank_prompts`` (the run's own prompt among them)."""
+def mesh_if_any(trainer: Trainer) -> trimesh.Trimesh | None:
+    """``export_mesh``, or None for an empty scene."""
+    try:
+        return export_mesh(trainer)
+    except NoSurfaceError:
+        return None
+
+
+def compute_metrics(trainer: Trainer, judge: ClipJudge | None = None, rank_prompts: list[str] | None = None,
+                    mesh: trimesh.Trimesh | None = None) -> dict[str, float]:
+    """The synthetic prior's metrics where the prompt is one of its objects, with the 3D accuracy (``chamfer``,
+    ``fscore``) of the run's ``mesh`` when one is given; with a CLIP ``judge``, the CLIP scores too, and
+    R-precision among ``rank_prompts`` (the run's own prompt among them)."""
     metrics: dict[str, float] = {}
     guidance = trainer.guidance
     if isinstance(guidance, SyntheticGuidance):
         from dreamfusion.evaluate import evaluate_field
+        from dreamfusion.geometry import mesh_accuracy
 
         export = trainer.config.export
         metrics.update(evaluate_field(trainer.field, trainer.config.prompt, guidance.prior, trainer.occupancy,
                                       export.eval_resolution, export.eval_samples_per_ray))
+        if mesh is not None:
+            metrics.update(mesh_accuracy(trainer.config.prompt, mesh))
     if judge is not None:
         metrics.update(judge.judge(trainer, rank_prompts))
     return metrics
@@ -191,9 +212,9 @@ def finish_run(trainer: Trainer, out: Path, wall_seconds: float, judge: ClipJudg
         shutil.rmtree(staging, ignore_errors=True)  # left by an earlier attempt with the same pid
         staging.mkdir()
         trainer.save_checkpoint(staging / CHECKPOINT)
-        paths, warnings, fidelity = export_artifacts(trainer, staging)
+        paths, warnings, fidelity, mesh = export_artifacts(trainer, staging)
         paths["checkpoint"] = staging / CHECKPOINT
-        metrics = {**compute_metrics(trainer, judge, rank_prompts), **fidelity}
+        metrics = {**compute_metrics(trainer, judge, rank_prompts, mesh), **fidelity}
         post_training = time.perf_counter() - started
         summary = {
             "prompt": trainer.config.prompt,
@@ -249,7 +270,10 @@ def evaluate_run(directory: Path, cache_dir: Path | None = None, clip_model: str
     config.eval.validate()
     rank_prompts = ranking_prompts(config.prompt, [], config.eval.clip_prompt_set) if config.eval.clip_model else None
     judge = make_judge(config, trainer.device, TextEmbeddingCache(cache_dir or default_cache_dir()))
-    metrics = compute_metrics(trainer, judge, rank_prompts)
+    mesh_file = summary["artifacts"].get("mesh_ply")
+    # The 3D accuracy is the exported mesh's: read back, not extracted anew.
+    mesh = trimesh.load(Path(directory) / mesh_file, process=False) if mesh_file else None
+    metrics = compute_metrics(trainer, judge, rank_prompts, mesh)
     # The mesh's fidelity is the export's, not recomputed here: kept.
     summary["metrics"] = {**{k: v for k, v in summary["metrics"].items() if k.startswith("mesh_")}, **metrics}
     tmp = Path(directory) / (SUMMARY + ".tmp")

@@ -17,6 +17,7 @@ import yaml
 from dreamfusion.clip_eval import CLIP_METRICS, CLIP_SCORES, ranking_prompts, read_prompt_set
 from dreamfusion.config import MAX_PROMPT_CHARS, Config, apply_backend_defaults, flatten_keys, known_keys, set_value
 from dreamfusion.errors import UserInputError
+from dreamfusion.geometry import GEOMETRY_METRICS, LOWER_IS_BETTER
 from dreamfusion.mesh import MESH_METRICS
 
 ALGORITHMS = ("grid", "random", "optuna")
@@ -27,7 +28,7 @@ TRAINING_METRICS = ("loss", "sds_loss", "opacity_mean", "sds_gradient_norm")
 # The synthetic prior's quality metrics: at the end of each trial, and at every report when a
 # scheduler or searcher needs them.
 EVAL_METRICS = ("silhouette_iou", "psnr", "r_precision_colour", "r_precision_textureless",
-                "janus_rate", "front_recall")
+                "janus_rate", "front_recall", *GEOMETRY_METRICS)
 # CLIP's judgement, on any backend with eval.clip_model: the scores at the end of each trial and at every
 # report when a scheduler or searcher needs them; R-precision among the sweep's prompts at the end only.
 # The exported mesh against the field's renders, at the end of each trial (any backend).
@@ -127,6 +128,11 @@ class SweepSpec:
     @property
     def needs_eval_each_report(self) -> bool:
         return bool(self._metrics_each_report() & set(EVAL_METRICS))
+
+    @property
+    def needs_mesh_each_report(self) -> bool:
+        """A scheduler or searcher compares trials on the exported mesh's 3D accuracy at every report."""
+        return bool(self._metrics_each_report() & {"chamfer", "fscore"})
 
     @property
     def needs_clip_each_report(self) -> bool:
@@ -443,7 +449,7 @@ def _metric(value: dict[str, Any], section: str, default: str, spec: SweepSpec, 
     if metric in CLIP_SCORES and not spec.clip_model:
         raise _fail(where, f"{section}.metric '{metric}' needs a CLIP model to judge with",
                     "set config: {eval.clip_model: PATH_OR_HUB_ID}, e.g. openai/clip-vit-base-patch32")
-    mode = str(value.get("mode", "min" if metric in ("loss", "sds_loss", "janus_rate") else "max"))
+    mode = str(value.get("mode", "min" if metric in ("loss", "sds_loss", "janus_rate", *LOWER_IS_BETTER) else "max"))
     if mode not in ("min", "max"):
         raise _fail(where, f"{section}.mode '{mode}' is unknown", "use max or min")
     return metric, mode

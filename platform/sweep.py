@@ -31,6 +31,7 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from dreamfusion.errors import UserInputError
+from dreamfusion.geometry import GEOMETRY_METRICS
 from dreamfusion.mesh import MESH_METRICS
 from dreamfusion.pipeline import warm_text_cache
 from dreamfusion.text_cache import TextEmbeddingCache
@@ -354,7 +355,7 @@ def dashboard_columns(spec: SweepSpec) -> list[str]:
     """The runs-table columns of a sweep's view: prompt, seed, searched keys, then its metrics."""
     metrics = [spec.metric]
     if spec.guidance == "synthetic":
-        metrics += ["silhouette_iou", "r_precision_colour", "r_precision_textureless"]
+        metrics += ["silhouette_iou", "r_precision_colour", "r_precision_textureless", *GEOMETRY_METRICS]
     if spec.clip_model:
         metrics += ["clip_score", "clip_r_precision", "clip_r_precision_textureless"]
     metrics += MESH_METRICS
@@ -567,7 +568,7 @@ def format_table(table, metric: str = "", mode: str = "max") -> str:
     compares configurations over several prompts, their ranking."""
     columns = [c for c in ("prompt", "seed") if c in table]
     columns += configuration_columns(table)
-    columns += [c for c in ("status", *RESULT_METRICS[:4], *CLIP_SHOWN, *MESH_METRICS, "loss",
+    columns += [c for c in ("status", *RESULT_METRICS[:4], *GEOMETRY_METRICS, *CLIP_SHOWN, *MESH_METRICS, "loss",
                                         "wall_seconds", "post_training_seconds") if c in table]
     if metric in table and metric not in columns:
         columns.insert(columns.index("status") + 1, metric)

@@ -22,7 +22,7 @@ from typing import Any
 
 from dreamfusion.config import Config
 from dreamfusion.export import render_progress_row
-from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run, make_judge
+from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run, make_judge, mesh_if_any
 from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion.trainer import CheckpointError, Trainer, TrainerCallback
 from dreamfusion_platform.spec import CANDIDATE, TRAINING_METRICS, SweepSpec
@@ -158,7 +158,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                     warnings = "; ".join(summary["warnings"])[:5000]
                     tracked.client.set_tag(tracked.run_id, "dreamfusion.warnings", warnings)
             elif spec.needs_eval_each_report or spec.needs_clip_each_report:
-                quality = compute_metrics(trainer) if spec.needs_eval_each_report else {}
+                mesh = mesh_if_any(trainer) if spec.needs_mesh_each_report else None
+                quality = compute_metrics(trainer, mesh=mesh) if spec.needs_eval_each_report else {}
                 if spec.needs_clip_each_report:
                     quality.update(judge.judge(trainer))
                 metrics.update(quality)

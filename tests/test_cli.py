@@ -6,6 +6,7 @@ import imageio.v2 as imageio
 import pytest
 
 from dreamfusion.cli import main
+from dreamfusion.geometry import GEOMETRY_METRICS
 from dreamfusion.pipeline import ARTIFACT_KEYS
 from tests.conftest import TINY
 
@@ -60,6 +61,7 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
     assert {"mesh_psnr", "mesh_silhouette_iou"} <= set(summary["metrics"])
     assert summary["config"]["seed"] == 3 and 0 < summary["post_training_seconds"] < summary["wall_seconds"]
     assert {"silhouette_iou", "psnr", "r_precision_colour", "r_precision_textureless"} <= set(summary["metrics"])
+    assert set(GEOMETRY_METRICS) <= set(summary["metrics"])  # the exported mesh and the normals in 3D
     expected = {"mesh_glb", "mesh_obj", "mesh_mtl", "texture_png", "mesh_ply", "video_webm", "video_gif",
                 "viewer_html", "checkpoint",
                 "renders_colour", "renders_textureless", "renders_normals", "progress"}
@@ -99,6 +101,7 @@ def test_a_run_that_ends_empty_finishes_without_mesh_and_says_so(tmp_path, capsy
     assert not mesh_files & set(summary["artifacts"])
     assert {"video_webm", "checkpoint", "renders_colour"} <= set(summary["artifacts"])
     assert "silhouette_iou" in summary["metrics"]  # a sweep still compares the trial
+    assert "chamfer" not in summary["metrics"] and "fscore" not in summary["metrics"]  # no mesh to measure
     assert len(summary["warnings"]) == 1 and "no mesh" in summary["warnings"][0]
     assert "warning: no mesh or viewer exported" in capsys.readouterr().err
 

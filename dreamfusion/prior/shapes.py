@@ -86,6 +86,9 @@ class SyntheticObject:
     sdf: Callable[[Tensor], Tensor]
     albedo: Callable[[Tensor], Tensor]
     has_front: bool = False
+    # The SDF is the exact Euclidean distance to the surface (not a bound, as unions, intersections and the
+    # ellipsoid are): 3D accuracy reads distances to the truth straight from it.
+    exact_sdf: bool = False
 
 
 def _uniform(colour: tuple[float, float, float]) -> Callable[[Tensor], Tensor]:
@@ -159,11 +162,13 @@ def _tv_albedo(p: Tensor) -> Tensor:
 
 
 OBJECTS: tuple[SyntheticObject, ...] = (
-    SyntheticObject("a red ball", lambda p: sphere(p, 0.55), _uniform((0.85, 0.12, 0.1))),
-    SyntheticObject("a blue cube", lambda p: box(p, (0.42, 0.42, 0.42), 0.03), _uniform((0.15, 0.3, 0.85))),
-    SyntheticObject("a green cylinder", lambda p: cylinder(p, 0.38, 0.55), _uniform((0.15, 0.7, 0.25))),
-    SyntheticObject("an orange cone", lambda p: capped_cone(p, 0.55, 0.5, 0.02), _uniform((0.95, 0.55, 0.1))),
-    SyntheticObject("a purple donut", lambda p: torus(p, 0.45, 0.2), _uniform((0.6, 0.25, 0.75))),
+    SyntheticObject("a red ball", lambda p: sphere(p, 0.55), _uniform((0.85, 0.12, 0.1)), exact_sdf=True),
+    SyntheticObject("a blue cube", lambda p: box(p, (0.42, 0.42, 0.42), 0.03), _uniform((0.15, 0.3, 0.85)),
+                    exact_sdf=True),
+    SyntheticObject("a green cylinder", lambda p: cylinder(p, 0.38, 0.55), _uniform((0.15, 0.7, 0.25)), exact_sdf=True),
+    SyntheticObject("an orange cone", lambda p: capped_cone(p, 0.55, 0.5, 0.02), _uniform((0.95, 0.55, 0.1)),
+                    exact_sdf=True),
+    SyntheticObject("a purple donut", lambda p: torus(p, 0.45, 0.2), _uniform((0.6, 0.25, 0.75)), exact_sdf=True),
     SyntheticObject("a white snowman", _snowman_sdf, _uniform((0.93, 0.93, 0.96))),
     SyntheticObject("a head with a face", _head_sdf, _head_albedo, has_front=True),
     SyntheticObject("a house with a red door", _house_sdf, _house_albedo, has_front=True),
