@@ -195,13 +195,23 @@ def _benchmark_config(prompt: str, overrides: list[str], iterations: int | None)
 
 
 def _train_and_evaluate(prompt: str, overrides: list[str], iterations: int | None) -> dict[str, Any]:
+    """The run's metrics and seconds; with refinement, also stage 1's (``stage1``), measured on the same run
+    when stage 1 ends, so the two stages are compared on one trajectory."""
     config = _benchmark_config(prompt, overrides, iterations)
     started = time.perf_counter()
     trainer = Trainer(config)
+    stage1: dict[str, Any] | None = None
+    if config.refine.iterations:
+        trainer.train(until=config.iterations)
+        paused = time.perf_counter()
+        stage1 = {**compute_metrics(trainer, mesh=mesh_if_any(trainer)), "wall_seconds": paused - started}
+        started += time.perf_counter() - paused  # stage 1's evaluation is not the run's time
     trainer.train()
-    metrics = compute_metrics(trainer, mesh=mesh_if_any(trainer))
+    metrics: dict[str, Any] = compute_metrics(trainer, mesh=mesh_if_any(trainer))
     metrics["wall_seconds"] = time.perf_counter() - started
-    log.info("%s %s: %s", prompt, overrides, {k: round(v, 3) for k, v in metrics.items()})
+    if stage1 is not None:
+        metrics["stage1"] = stage1
+    log.info("%s %s: %s", prompt, overrides, {k: round(v, 3) for k, v in metrics.items() if k != "stage1"})
     return metrics
 
 
@@ -299,6 +309,27 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
     if ablated:
         table += ["", "Ablations on objects with a front (same seed and settings otherwise):", "", table[0], table[1]]
         table += [row(f"{p} ({ABLATIONS[arm][0]})", runs[p][arm]) for p, arm in ablated]
+    staged = [p for p in ordered if "stage1" in runs[p].get("default", {})]
+    if staged:
+        table += ["", "Stage 1 alone and with refinement, side by side (the same run, measured when stage 1 ended "
+                  "and at the end; ratios refined / stage 1):", "",
+                  "| prompt | Chamfer 1 | Chamfer 2 | ratio | normal error 1 | normal error 2 | ratio | IoU 1 | IoU 2 "
+                  "| R-prec textureless 1 | 2 | F-score 1 | 2 | seconds 1 | seconds 1+2 | ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for prompt in staged:
+            two = runs[prompt]["default"]
+            one = two["stage1"]
+
+            def ratio(key: str, first: dict = one, second: dict = two) -> str:
+                return f"{second[key] / first[key]:.2f}" if key in first and key in second and first[key] else "-"
+
+            table.append(f"| {prompt} | {cell(one, 'chamfer', '.4f')} | {cell(two, 'chamfer', '.4f')} | "
+                         f"{ratio('chamfer')} | {cell(one, 'normal_error_deg', '.1f')} | "
+                         f"{cell(two, 'normal_error_deg', '.1f')} | {ratio('normal_error_deg')} | "
+                         f"{one['silhouette_iou']:.3f} | {two['silhouette_iou']:.3f} | "
+                         f"{one['r_precision_textureless']:.2f} | {two['r_precision_textureless']:.2f} | "
+                         f"{cell(one, 'fscore', '.3f')} | {cell(two, 'fscore', '.3f')} | {one['wall_seconds']:.0f} | "
+                         f"{two['wall_seconds']:.0f} | {ratio('wall_seconds')} |")
     table += ["", f"Chamfer: the symmetric mean distance between the exported mesh and the true surface, as a share "
               f"of the object's bounding radius; F-score at {FSCORE_THRESHOLD:.0%} of that radius; normal error: the "
               "mean angle between the rendered and the true normals at the 16 held-out cameras "

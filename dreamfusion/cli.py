@@ -19,18 +19,24 @@ EXIT_BAD_INPUT = 2
 class _Progress:
     """A tqdm bar on a terminal; periodic lines with ETA when stderr is a log file."""
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label = total, label
+    def __init__(self, label: str) -> None:
+        self.label = label
         self.bar = None
 
     def on_train_start(self, trainer) -> None:
         from tqdm import tqdm
 
         # Created here, not before the trainer: a run refused at set-up prints its error line alone.
-        self.bar = tqdm(total=self.total, desc=self.label, unit="step", dynamic_ncols=True, initial=trainer.step,
+        self.bar = tqdm(total=trainer.total_iterations, desc=self._describe(trainer), unit="step",
+                        dynamic_ncols=True, initial=trainer.step,
                         mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
 
+    def _describe(self, trainer) -> str:
+        """The stage the bar is in, where the run has two: the field (coarse), then the mesh (refine)."""
+        return f"{self.label} [{trainer.stage}]" if trainer.config.refine.iterations else self.label
+
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
+        self.bar.set_description(self._describe(trainer), refresh=False)
         self.bar.set_postfix(loss=f"{metrics['loss']:.3g}", t=f"{metrics['timestep']:.2f}", refresh=False)
         self.bar.update(1)
 
@@ -59,7 +65,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         config.prompt = find_object(config.prompt).prompt
     prepare_output_dir(Path(args.out))
-    summary = run_prompt(config, Path(args.out), callbacks=[_Progress(config.iterations, config.prompt[:40])])
+    summary = run_prompt(config, Path(args.out), callbacks=[_Progress(config.prompt[:40])])
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps({"out": str(args.out), "wall_seconds": round(summary["wall_seconds"], 1),

@@ -206,10 +206,13 @@ REAL_MODEL_EXPORT: dict[str, Any] = {"export.mesh_resolution": 256, "export.max_
 # (whose CFG needs it, unlike the synthetic prior's exact denoiser) and 64×64 renders.
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {},
+    # Stage 2 as the anchors run it (threestudio's magic3d-refine-sd): 512² renders (Stable Diffusion's VAE
+    # input) on a 128 tet grid. IF stage I sees 64² pixels: finer renders would be averaged down before it,
+    # so its stage 2 renders 128² (2x supersampled silhouettes) on the same grid.
     "stable-diffusion": {"sds.guidance_scale": 100.0, "render.resolution": 64, "field.background": "learned",
-                         **REAL_MODEL_EXPORT},
+                         "refine.resolution": 512, "refine.grid_resolution": 128, **REAL_MODEL_EXPORT},
     "deepfloyd-if": {"sds.guidance_scale": 100.0, "render.resolution": 64, "field.background": "learned",
-                     **REAL_MODEL_EXPORT},
+                     "refine.resolution": 128, "refine.grid_resolution": 128, **REAL_MODEL_EXPORT},
 }
 
 
@@ -304,6 +307,41 @@ class ExportConfig:
 
 
 @dataclass
+class RefineConfig:
+    """Stage 2, the mesh (DMTet, as Magic3D's fine stage): after ``iterations`` NeRF steps, ``refine.iterations``
+    steps optimise a deformable tetrahedral grid's SDF and vertex offsets, and the field's texture, by SDS on
+    rasterized renders at ``refine.resolution``. 0 steps: stage 1 alone."""
+
+    iterations: int = 0
+    resolution: int = 64  # the rendered side in pixels (and, on the synthetic prior, its photos')
+    batch_size: int = 4
+    grid_resolution: int = 64  # cubes a side of the tetrahedral grid (six tetrahedra each)
+    # The stage-1 density at which the SDF starts at zero: the surface the refinement starts from.
+    sdf_threshold: float = 3.0
+    lr_sdf: float = 0.01
+    lr_deform: float = 0.01
+    lr_texture: float = 0.002  # the field's hash grid and MLPs, which carry on as the texture
+    lambda_normal_consistency: float = 1.0
+    lambda_laplacian: float = 0.0
+    t_min: float = 0.02
+    t_max: float = 0.5
+    visibility: str = "auto"  # auto (Embree on the CPU, the torch z-buffer elsewhere), embree, torch
+
+    def validate(self) -> None:
+        _in_range(self, "iterations", 0, 10_000_000)
+        _in_range(self, "resolution", 16, 2048)
+        _in_range(self, "batch_size", 1, 256)
+        _in_range(self, "grid_resolution", 8, 256)
+        _positive(self, "sdf_threshold", "lr_sdf", "lr_deform")
+        _non_negative(self, "lr_texture", "lambda_normal_consistency", "lambda_laplacian")
+        _in_range(self, "t_min", 0.0, 1.0)
+        _in_range(self, "t_max", 0.0, 1.0)
+        if self.t_min >= self.t_max:
+            raise UserInputError(f"refine.t_min ({self.t_min}) must be below refine.t_max ({self.t_max})")
+        _choice(self, "visibility", ("auto", "embree", "torch"))
+
+
+@dataclass
 class EvalConfig:
     # CLIP as the judge of any run (DreamFusion's Table 1): a local folder or a hub id; empty: off.
     clip_model: str = ""
@@ -333,6 +371,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
@@ -357,11 +396,6 @@ class Config:
             raise UserInputError(f"{janus_controls[0]} acts on view labels, which the synthetic prior takes only "
                                  "with guidance.prior_conditioning=view_label; set it (a camera-conditioned prior "
                                  "has no text to negate or blend)")
-        if self.sds.negative_prompt and self.guidance.backend == "synthetic":
-            from dreamfusion.guidance.synthetic import prior_condition
-            from dreamfusion.sds import negative_text
-
-            prior_condition(negative_text(self.sds.negative_prompt, self.prompt))
         backdrop = (self.guidance.prior_backdrop,) * 3
         if self.guidance.backend == "synthetic" and self.field.background == "fixed" and \
                 tuple(self.field.background_color) != backdrop:
@@ -549,6 +583,7 @@ _SECTION_NAMES = {
     OptimConfig: "optim.",
     GuidanceConfig: "guidance.",
     ExportConfig: "export.",
+    RefineConfig: "refine.",
     EvalConfig: "eval.",
 }
 

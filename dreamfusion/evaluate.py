@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -23,7 +24,7 @@ from dreamfusion.field import RadianceField
 from dreamfusion.geometry import normal_error_from_render
 from dreamfusion.prior.shapes import find_object
 from dreamfusion.prior.synthetic import PHOTO_SHADING, SyntheticPrior, prompt_index, render_ground_truth
-from dreamfusion.renderer import OccupancyGrid, RenderOutput, render_batched_shadings
+from dreamfusion.renderer import OccupancyGrid, RenderOutput, Shading, render_batched_shadings
 
 EVAL_RESOLUTION = ExportConfig.eval_resolution
 EVAL_SAMPLES = ExportConfig.eval_samples_per_ray
@@ -51,11 +52,14 @@ def back_cameras() -> CameraBatch:
     return _ring([150.0, 165.0, 180.0, 195.0, 210.0])
 
 
-def _render(field: RadianceField, cameras: CameraBatch, modes: tuple[str, ...], occupancy: OccupancyGrid | None,
-            resolution: int, samples: int) -> list[RenderOutput]:
-    """The photos' shading in each of ``modes``, from one march."""
-    shadings = tuple(replace(PHOTO_SHADING, mode=mode) for mode in modes)
-    return render_batched_shadings(field, cameras, resolution, samples, shadings, occupancy)
+# ``(cameras, resolution, shadings) -> [RenderOutput per shading]``: what is judged (a field, a refined mesh).
+ViewRenderer = Callable[[CameraBatch, int, tuple[Shading, ...]], list[RenderOutput]]
+
+
+def _render(views: ViewRenderer, cameras: CameraBatch, modes: tuple[str, ...], resolution: int
+            ) -> list[RenderOutput]:
+    """The photos' shading in each of ``modes``, from one render."""
+    return views(cameras, resolution, tuple(replace(PHOTO_SHADING, mode=mode) for mode in modes))
 
 
 def _downsample(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -77,10 +81,19 @@ def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
                    occupancy: OccupancyGrid | None = None, resolution: int = EVAL_RESOLUTION,
                    samples: int = EVAL_SAMPLES) -> dict[str, float]:
     """Metrics of ``field``; an occupancy grid (the trainer's) only skips empty space, faster."""
+    def views(cameras: CameraBatch, size: int, shadings: tuple[Shading, ...]) -> list[RenderOutput]:
+        return render_batched_shadings(field, cameras, size, samples, shadings, occupancy)
+
+    return evaluate_views(views, prompt, prior, resolution)
+
+
+def evaluate_views(views: ViewRenderer, prompt: str, prior: SyntheticPrior, resolution: int = EVAL_RESOLUTION
+                   ) -> dict[str, float]:
+    """Metrics of what ``views`` renders (the field, or the refined mesh)."""
     obj = find_object(prompt)
     target = prompt_index(prompt)
     cameras = held_out_cameras()
-    lit, shadeless = _render(field, cameras, ("lambertian", "textureless"), occupancy, resolution, samples)
+    lit, shadeless = _render(views, cameras, ("lambertian", "textureless"), resolution)
     colour, opacity, textureless = lit.rgb.clamp(0, 1), lit.opacity, shadeless.rgb.clamp(0, 1)
     truth_colour, truth_opacity = render_ground_truth(obj, cameras, resolution, backdrop=prior.spec.backdrop)
 
@@ -95,8 +108,8 @@ def evaluate_field(field: RadianceField, prompt: str, prior: SyntheticPrior,
         **normal_error_from_render(obj.prompt, cameras, resolution, lit.normals, opacity),
     }
     if obj.has_front:
-        [back] = _render(field, back_cameras(), ("lambertian",), occupancy, resolution, samples)
-        [front] = _render(field, front_cameras(), ("lambertian",), occupancy, resolution, samples)
+        [back] = _render(views, back_cameras(), ("lambertian",), resolution)
+        [front] = _render(views, front_cameras(), ("lambertian",), resolution)
         back_labels = prior.classify_views(_downsample(back.rgb.clamp(0, 1), size), target)
         front_labels = prior.classify_views(_downsample(front.rgb.clamp(0, 1), size), target)
         metrics["janus_rate"] = sum(label == "front" for label in back_labels) / len(back_labels)

@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -17,19 +18,33 @@ from PIL import Image, ImageDraw
 from dreamfusion.cameras import CameraBatch, cameras_from_angles
 from dreamfusion.field import RadianceField
 from dreamfusion.mesh import TexturedMesh
-from dreamfusion.renderer import OccupancyGrid, Shading, render_batched, render_batched_shadings
+from dreamfusion.renderer import OccupancyGrid, RenderOutput, Shading, render_batched_shadings
+
+# What the exports render with: ``(cameras, resolution, shadings) -> [RenderOutput per shading]``, without
+# gradients. ``field_views`` makes one of a field; ``Trainer.render_views`` is the run's (its refined mesh
+# once stage 2 has begun).
+ViewRenderer = Callable[[CameraBatch, int, tuple[Shading, ...]], list[RenderOutput]]
+
+
+def field_views(field: RadianceField, occupancy: OccupancyGrid | None = None, samples_per_ray: int = 64
+                ) -> ViewRenderer:
+    """A field marched (with its occupancy grid) and shaded once per pixel."""
+    def views(cameras: CameraBatch, resolution: int, shadings: tuple[Shading, ...]) -> list[RenderOutput]:
+        return render_batched_shadings(field, cameras, resolution, samples_per_ray, shadings, occupancy,
+                                       deferred=True)
+    return views
 
 
 @torch.no_grad()
-def render_turntable(field: RadianceField, frames: int, resolution: int, shading: Shading,
-                     elevation: float = 15.0, radius: float = 2.2, fov: float = 45.0,
-                     samples_per_ray: int = 64, occupancy: OccupancyGrid | None = None) -> np.ndarray:
+def render_turntable(views: ViewRenderer, frames: int, resolution: int, shading: Shading,
+                     elevation: float = 15.0, radius: float = 2.2, fov: float = 45.0, chunk: int = 8) -> np.ndarray:
     """``[frames, H, W, 3]`` uint8, the camera circling the object once."""
     azimuth = torch.linspace(0.0, 360.0, frames + 1)[:-1]
     cameras = cameras_from_angles(azimuth, torch.full((frames,), elevation), torch.full((frames,), radius),
                                   torch.full((frames,), fov))
-    out = render_batched(field, cameras, resolution, samples_per_ray, shading, occupancy, deferred=True)
-    return (out.rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    rgb = torch.cat([views(cameras.slice(start, start + chunk), resolution, (shading,))[0].rgb.cpu()
+                     for start in range(0, frames, chunk)])
+    return (rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
 def write_videos(frames: np.ndarray, directory: Path, fps: int, stem: str = "turntable") -> dict[str, Path]:
@@ -58,8 +73,8 @@ def image_strip(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def render_previews(field: RadianceField, shading_for, views: int = 4, resolution: int = 96,
-                    occupancy: OccupancyGrid | None = None) -> dict[str, np.ndarray]:
+def render_previews(render_views: ViewRenderer, shading_for, views: int = 4, resolution: int = 96
+                    ) -> dict[str, np.ndarray]:
     """Rows of ``views`` views around the object: colour, textureless and normals (``[H, W*views, 3]`` uint8).
 
     ``shading_for(mode)`` builds the run's shading for a mode, so previews match what training saw.
@@ -70,9 +85,7 @@ def render_previews(field: RadianceField, shading_for, views: int = 4, resolutio
     def row(images: torch.Tensor) -> np.ndarray:
         return image_strip(images).numpy()
 
-    colour, textureless = render_batched_shadings(field, cameras, resolution, 64,
-                                                  (shading_for("albedo"), shading_for("textureless")), occupancy,
-                                                  deferred=True)
+    colour, textureless = render_views(cameras, resolution, (shading_for("albedo"), shading_for("textureless")))
     # Normals in [-1, 1] drawn as colour on white where the object is transparent.
     normals = textureless.normals * 0.5 + 0.5
     normals = normals * textureless.opacity + (1 - textureless.opacity)
@@ -86,15 +99,16 @@ PROGRESS_ELEVATIONS = (10.0, 10.0, 10.0, 50.0)
 
 
 @torch.no_grad()
-def render_progress_row(field: RadianceField, shading: Shading, resolution: int,
-                        occupancy: OccupancyGrid | None = None, with_opacity: bool = True) -> torch.Tensor:
+def render_progress_row(views: ViewRenderer, shading: Shading, resolution: int, with_opacity: bool = True
+                        ) -> torch.Tensor:
     """One row of ``progress.png`` (``[H, 2*views*W, 3]`` uint8): the views in ``shading``, then their opacity
     (``with_opacity``; without it, ``[H, views*W, 3]``: the strip a sweep logs at each report).
 
     Rendered without a generator, so recording it never changes the training's random stream.
     """
     cameras = orbit_cameras(torch.tensor(PROGRESS_AZIMUTHS), torch.tensor(PROGRESS_ELEVATIONS))
-    out = render_batched(field, cameras, resolution, 64, shading, occupancy)
+    [out] = views(cameras, resolution, (shading,))
+    out.rgb, out.opacity = out.rgb.cpu(), out.opacity.cpu()
     return image_strip(torch.cat([out.rgb, out.opacity.expand(-1, 3, -1, -1)]) if with_opacity else out.rgb)
 
 

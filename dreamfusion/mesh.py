@@ -70,6 +70,23 @@ def extract_mesh(field: RadianceField, resolution: int = 96, density_threshold: 
     return mesh
 
 
+@torch.no_grad()
+def refined_mesh(field: RadianceField, refiner, min_component_share: float = 0.0, max_faces: int = 0
+                 ) -> trimesh.Trimesh:
+    """The refinement's mesh (``dreamfusion.refine.MeshRefiner``) as exported: vertices welded, floaters
+    dropped, decimated to ``max_faces``, vertex colours from the field's albedo."""
+    tet_mesh = refiner.mesh()
+    if tet_mesh.faces.shape[0] == 0:
+        raise NoSurfaceError("the refined mesh is empty: nothing to export; lower refine.lr_sdf")
+    mesh = trimesh.Trimesh(vertices=tet_mesh.vertices.detach().cpu().double().numpy(),
+                           faces=tet_mesh.faces.cpu().numpy(), process=True)
+    mesh = remove_floaters(mesh, min_component_share)
+    if max_faces and len(mesh.faces) > max_faces:
+        mesh = decimate(mesh, max_faces)
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=albedo_colours(field, mesh.vertices))
+    return mesh
+
+
 def remove_floaters(mesh: trimesh.Trimesh, min_share: float) -> trimesh.Trimesh:
     """The mesh without connected components of fewer than ``min_share`` of the largest's faces."""
     if min_share <= 0:

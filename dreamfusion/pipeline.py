@@ -29,8 +29,16 @@ from dreamfusion.export import (
     write_videos,
     write_viewer,
 )
+from dreamfusion.guidance import check_config
 from dreamfusion.guidance.synthetic import SyntheticGuidance
-from dreamfusion.mesh import NoSurfaceError, bake_texture, extract_mesh, mesh_fidelity, write_textured
+from dreamfusion.mesh import (
+    NoSurfaceError,
+    bake_texture,
+    extract_mesh,
+    mesh_fidelity,
+    refined_mesh,
+    write_textured,
+)
 from dreamfusion.prior.synthetic import default_cache_dir
 from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion.trainer import Trainer, TrainerCallback, read_checkpoint
@@ -70,8 +78,11 @@ MESH_IOU_WARNING = 0.85
 
 
 def export_mesh(trainer: Trainer) -> trimesh.Trimesh:
-    """The run's mesh as the export writes it (before texturing); ``NoSurfaceError`` for an empty scene."""
+    """The run's mesh as the export writes it (before texturing): the refined mesh itself after stage 2,
+    otherwise marching cubes of the field's density; ``NoSurfaceError`` for an empty scene."""
     export = trainer.config.export
+    if trainer.refiner is not None:
+        return refined_mesh(trainer.field, trainer.refiner, export.min_component_share, export.max_faces)
     return extract_mesh(trainer.field, export.mesh_resolution, export.density_threshold, occupancy=trainer.occupancy,
                         min_component_share=export.min_component_share, max_faces=export.max_faces)
 
@@ -106,12 +117,10 @@ def export_artifacts(trainer: Trainer, directory: Path
             warnings.append(f"the exported mesh departs from the renders (mesh_psnr {fidelity['mesh_psnr']:.1f} dB, "
                             f"mesh_silhouette_iou {fidelity['mesh_silhouette_iou']:.2f}): raise "
                             "export.mesh_resolution or export.texture_size, or lower export.density_threshold")
-    frames = render_turntable(trainer.field, cfg.export.video_frames, cfg.export.video_resolution,
-                              trainer.shading("lambertian"),
-                              occupancy=trainer.occupancy)
+    frames = render_turntable(trainer.render_views, cfg.export.video_frames, cfg.export.video_resolution,
+                              trainer.shading("lambertian"))
     paths.update(write_videos(frames, directory, cfg.export.video_fps))
-    previews = render_previews(trainer.field, trainer.shading, resolution=cfg.export.preview_resolution,
-                               occupancy=trainer.occupancy)
+    previews = render_previews(trainer.render_views, trainer.shading, resolution=cfg.export.preview_resolution)
     paths.update(write_previews(previews, directory))
     if cfg.export.progress_snapshots:
         trainer.record_snapshot()  # the final state, as the last row
@@ -135,12 +144,16 @@ def compute_metrics(trainer: Trainer, judge: ClipJudge | None = None, rank_promp
     metrics: dict[str, float] = {}
     guidance = trainer.guidance
     if isinstance(guidance, SyntheticGuidance):
-        from dreamfusion.evaluate import evaluate_field
+        from dreamfusion.evaluate import evaluate_field, evaluate_views
         from dreamfusion.geometry import mesh_accuracy
 
         export = trainer.config.export
-        metrics.update(evaluate_field(trainer.field, trainer.config.prompt, guidance.prior, trainer.occupancy,
-                                      export.eval_resolution, export.eval_samples_per_ray))
+        if trainer.refiner is not None:  # the refined mesh is the result
+            metrics.update(evaluate_views(trainer.render_views, trainer.config.prompt, guidance.prior,
+                                          export.eval_resolution))
+        else:
+            metrics.update(evaluate_field(trainer.field, trainer.config.prompt, guidance.prior, trainer.occupancy,
+                                          export.eval_resolution, export.eval_samples_per_ray))
         if mesh is not None:
             metrics.update(mesh_accuracy(trainer.config.prompt, mesh))
     if judge is not None:
@@ -185,7 +198,7 @@ def run_prompt(
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     out = prepare_output_dir(out)
-    config.validate()
+    check_config(config)
     started = time.perf_counter()
     # The prompt set and the CLIP model are checked before any training.
     rank_prompts = ranking_prompts(config.prompt, [], config.eval.clip_prompt_set) if config.eval.clip_model else None
@@ -212,7 +225,8 @@ def finish_run(trainer: Trainer, out: Path, wall_seconds: float, judge: ClipJudg
         shutil.rmtree(staging, ignore_errors=True)  # left by an earlier attempt with the same pid
         staging.mkdir()
         trainer.save_checkpoint(staging / CHECKPOINT)
-        paths, warnings, fidelity, mesh = export_artifacts(trainer, staging)
+        paths, export_warnings, fidelity, mesh = export_artifacts(trainer, staging)
+        warnings = [*trainer.warnings, *export_warnings]
         paths["checkpoint"] = staging / CHECKPOINT
         metrics = {**compute_metrics(trainer, judge, rank_prompts, mesh), **fidelity}
         post_training = time.perf_counter() - started

@@ -196,7 +196,7 @@ def render_shadings(
         return x.reshape(batch, resolution, resolution, -1).permute(0, 3, 1, 2)
 
     # One compositing of every shading's colour side by side: the weights depend on the density alone.
-    colours = torch.cat([_shade(albedo, normals, light, shading) for shading in shadings], dim=-1)
+    colours = torch.cat([shade(albedo, normals, light, shading) for shading in shadings], dim=-1)
     sample_weights, rgb, opacity, depth = composite(
         density, colours, step[sample_ray], samples.t, samples.start, samples.count, backend=kernel_backend,
     )
@@ -238,7 +238,7 @@ class Surface:
     normal_points: int
 
     def shade(self, shading: Shading, cameras: int, resolution: int) -> RenderOutput:
-        colour = _shade(self.surface_albedo.clamp(0, 1), self.normals, self.light, shading)
+        colour = shade(self.surface_albedo.clamp(0, 1), self.normals, self.light, shading)
         rgb = colour * self.opacity[:, None] + (1.0 - self.opacity)[:, None] * self.background
 
         def image(x: torch.Tensor) -> torch.Tensor:
@@ -372,7 +372,7 @@ def _concatenated(parts: list[RenderOutput]) -> RenderOutput:
     )
 
 
-def _shade(
+def shade(
     albedo: torch.Tensor, normals: torch.Tensor | None, light: torch.Tensor, shading: Shading
 ) -> torch.Tensor:
     if shading.mode == "albedo":

@@ -5,6 +5,8 @@ It knows nothing of Ray or MLflow: drivers observe it through ``TrainerCallback`
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import json
 import math
@@ -17,14 +19,15 @@ from typing import Any
 
 import torch
 
-from dreamfusion.cameras import sample_cameras, view_condition
+from dreamfusion.cameras import CameraBatch, sample_cameras, view_condition
 from dreamfusion.config import Config, resolve_device
 from dreamfusion.errors import UserInputError
 from dreamfusion.export import render_progress_row
 from dreamfusion.field import NeRFField
 from dreamfusion.guidance import Guidance, make_guidance
 from dreamfusion.memory import out_of_memory_message
-from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, Shading, render
+from dreamfusion.refine import EmptySceneError, MeshRefiner, render_mesh
+from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, RenderOutput, Shading, render, render_batched_shadings
 from dreamfusion.sds import sds_loss
 from dreamfusion.text_cache import TextEmbeddingCache
 from triton_kernels import BackendUnavailable
@@ -90,13 +93,30 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.step = 0
         self.skipped_steps = 0
+        total = self.total_iterations
         snapshots = config.export.progress_snapshots
-        self.snapshot_steps = {iterations * k // snapshots for k in range(snapshots)} if snapshots else set()
+        self.snapshot_steps = {total * k // snapshots for k in range(snapshots)} if snapshots else set()
         self.snapshots: list[tuple[int, torch.Tensor]] = []  # (step, progress.png row), checkpointed
+        # Stage 2 (refine.iterations > 0): built at its first step, from the field as stage 1 left it.
+        self._cache_dir, self._text_cache = cache_dir, text_cache
+        self.refiner: MeshRefiner | None = None
+        self.refine_optimizer: torch.optim.Optimizer | None = None
+        self.refine_guidance: Guidance | None = None
+        self.warnings: list[str] = []  # e.g. refinement skipped on an empty scene; checkpointed
 
     @property
     def progress(self) -> float:
-        return self.step / self.config.iterations
+        """Stage 1's share done: what its schedules (timesteps, albedo warm-up) follow."""
+        return min(self.step / self.config.iterations, 1.0)
+
+    @property
+    def total_iterations(self) -> int:
+        """Both stages' steps: ``iterations`` of the field, then ``refine.iterations`` of the mesh."""
+        return self.config.iterations + self.config.refine.iterations
+
+    @property
+    def stage(self) -> str:
+        return "coarse" if self.step < self.config.iterations else "refine"
 
     def _shading_for_step(self) -> Shading:
         render_cfg = self.config.render
@@ -117,6 +137,8 @@ class Trainer:
             raise UserInputError(out_of_memory_message(exc, self.config)) from None
 
     def _train_step(self) -> dict[str, float]:
+        if self.step >= self.config.iterations:
+            return self._refine_step()
         started = time.perf_counter()
         cfg = self.config
         if self.occupancy is not None and self.step % cfg.render.occupancy_update_every == 0:
@@ -178,22 +200,125 @@ class Trainer:
             "occupied_fraction": self.occupancy.occupied_fraction if self.occupancy is not None else 1.0,
             "skipped_steps": float(self.skipped_steps),
             "shading": float(SHADING_MODES.index(shading.mode)),
+            "stage": 1.0,
             "step_seconds": time.perf_counter() - started,
         }
         for callback in self.callbacks:
             callback.on_step_end(self, metrics)
         return metrics
 
+    # --- stage 2: the mesh ---------------------------------------------------------------------------
+
+    def _start_refinement(self) -> bool:
+        """Build the mesh stage from the field; False (with a warning) when the scene is empty."""
+        cfg = self.config
+        try:
+            refiner = MeshRefiner.from_field(self.field, cfg.refine)
+        except EmptySceneError as exc:
+            self.warnings.append(f"refinement skipped: {exc}")
+            return False
+        self._build_refinement(refiner.to(self.device))
+        return True
+
+    def _build_refinement(self, refiner: MeshRefiner) -> None:
+        cfg = self.config.refine
+        self.refiner = refiner
+        self.refine_optimizer = torch.optim.Adam(
+            [{"params": [refiner.sdf], "lr": cfg.lr_sdf}, {"params": [refiner.deform], "lr": cfg.lr_deform},
+             {"params": list(self.field.parameters()), "lr": cfg.lr_texture}], betas=(0.9, 0.99), eps=1e-15)
+        self.refine_guidance = self._refine_guidance()
+
+    def _refine_guidance(self) -> Guidance:
+        """The guidance of stage 2: the same model; on the synthetic prior, its photos at the refinement's
+        resolution, so the finer renders are judged at their own detail."""
+        cfg = self.config
+        if cfg.guidance.backend != "synthetic" or cfg.guidance.prior_resolution == cfg.refine.resolution:
+            return self.guidance
+        finer = copy.deepcopy(cfg)
+        finer.guidance.prior_resolution = cfg.refine.resolution
+        return make_guidance(finer, self._cache_dir, self._text_cache).to(self.device)
+
+    @property
+    def refine_progress(self) -> float:
+        return min(max(self.step - self.config.iterations, 0) / max(self.config.refine.iterations, 1), 1.0)
+
+    def _refine_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        cfg = self.config
+        if self.refiner is None and not self._start_refinement():
+            self.step = self.total_iterations  # nothing to refine: the run ends with stage 1's result
+            return {"stage": 2.0, "skipped_steps": float(self.skipped_steps)}
+        assert self.refiner is not None and self.refine_optimizer is not None and self.refine_guidance is not None
+        if self.step in self.snapshot_steps:
+            self.record_snapshot()
+        shading = self.shading(SHADING_MODES[int(torch.multinomial(
+            torch.tensor(cfg.render.shading_ratios, dtype=torch.float64), 1, generator=self.generator))])
+        cameras = sample_cameras(cfg.camera, cfg.refine.batch_size, self.generator)
+        views = view_condition(cameras, cfg.camera) if cfg.sds.view_dependent or cfg.sds.perp_neg else None
+        mesh = self.refiner.mesh()
+        if mesh.faces.shape[0] == 0:
+            raise UserInputError("the refined mesh vanished (its SDF is positive everywhere): lower refine.lr_sdf")
+        [output] = render_mesh(self.field, mesh, cameras, cfg.refine.resolution, (shading,), cfg.refine.visibility)
+        sds_config = dataclasses.replace(cfg.sds, t_min=cfg.refine.t_min, t_max=cfg.refine.t_max,
+                                         t_max_final=cfg.refine.t_max)
+        sds = sds_loss(self.refine_guidance, output.rgb.float(), views, sds_config, self.refine_progress,
+                       self.generator, shading.mode == "textureless")
+        regularisers = self.refiner.regularisers(mesh)
+        # Regularisers are weighted per image as stage 1's are: against an SDS surrogate summed over pixels.
+        pixels = cfg.refine.resolution**2
+        loss = (sds.loss + pixels * (cfg.refine.lambda_normal_consistency * regularisers["normal_consistency"]
+                                     + cfg.refine.lambda_laplacian * regularisers["laplacian"]))
+        self.refine_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parameters = [p for group in self.refine_optimizer.param_groups for p in group["params"]]
+        finite = math.isfinite(float(loss.detach())) and all(
+            bool(torch.isfinite(p.grad).all()) for p in parameters if p.grad is not None)
+        if finite:
+            self.refine_optimizer.step()
+        else:
+            self.refine_optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        self.step += 1
+        metrics = {
+            "loss": float(loss.detach()) if finite else float("nan"),
+            "sds_loss": float(sds.loss.detach()),
+            "sds_gradient_norm": sds.gradient_norm,
+            "opacity_mean": float(output.opacity.detach().mean()),
+            "timestep": sds.timestep,
+            "normal_consistency": float(regularisers["normal_consistency"].detach()),
+            "laplacian": float(regularisers["laplacian"].detach()),
+            "mesh_faces": float(mesh.faces.shape[0]),
+            "skipped_steps": float(self.skipped_steps),
+            "shading": float(SHADING_MODES.index(shading.mode)),
+            "stage": 2.0,
+            "step_seconds": time.perf_counter() - started,
+        }
+        for callback in self.callbacks:
+            callback.on_step_end(self, metrics)
+        return metrics
+
+    def render_views(self, cameras: CameraBatch, resolution: int, shadings: tuple[Shading, ...],
+                     samples_per_ray: int = 64) -> list[RenderOutput]:
+        """The result as it stands, without gradients: the refined mesh once stage 2 has begun, the field
+        before (marched with its occupancy grid, shaded once per pixel)."""
+        with torch.no_grad():
+            if self.refiner is not None:
+                return render_mesh(self.field, self.refiner.mesh(), cameras, resolution, shadings,
+                                   self.config.refine.visibility)
+            return render_batched_shadings(self.field, cameras, resolution, samples_per_ray, shadings,
+                                           self.occupancy, deferred=True)
+
     def record_snapshot(self) -> None:
         """A row of ``progress.png``: albedo and opacity at fixed cameras, now."""
         if not self.snapshots or self.snapshots[-1][0] != self.step:
-            row = render_progress_row(self.field, self.shading("albedo"), self.config.export.progress_resolution,
-                                      self.occupancy)
+            row = render_progress_row(self.render_views, self.shading("albedo"),
+                                      self.config.export.progress_resolution)
             self.snapshots.append((self.step, row))
 
     def train(self, until: int | None = None) -> None:
-        """Run steps until ``until`` (default: the configured iterations)."""
-        stop = self.config.iterations if until is None else min(until, self.config.iterations)
+        """Run steps until ``until`` (default: both stages' iterations)."""
+        total = self.total_iterations
+        stop = total if until is None else min(until, total)
         for callback in self.callbacks:
             callback.on_train_start(self)
         while self.step < stop:
@@ -216,6 +341,10 @@ class Trainer:
             "generator": self.generator.get_state(),
             "snapshot_steps": torch.tensor([step for step, _ in self.snapshots], dtype=torch.long),
             "snapshots": [row for _, row in self.snapshots],
+            "warnings": list(self.warnings),
+            "refine": ({"geometry": self.refiner.state_dict(), "grid": self.refiner.extra_state(),
+                        "optimizer": self.refine_optimizer.state_dict()}
+                       if self.refiner is not None and self.refine_optimizer is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict_config: bool = True) -> None:
@@ -236,6 +365,14 @@ class Trainer:
         # Checkpoints written before progress snapshots existed have none.
         self.snapshots = list(zip(state.get("snapshot_steps", torch.empty(0)).tolist(),
                                   state.get("snapshots", []), strict=True))
+        self.warnings = list(state.get("warnings", []))
+        refine = state.get("refine") or {}
+        if refine:
+            refiner = MeshRefiner.empty(int(refine["grid"]["resolution"]), float(refine["grid"]["scale"]), self.device)
+            refiner.load_state_dict(refine["geometry"])
+            self._build_refinement(refiner)
+            assert self.refine_optimizer is not None
+            self.refine_optimizer.load_state_dict(refine["optimizer"])
 
     def save_checkpoint(self, path: Path) -> None:
         """Atomic: a crash mid-write leaves the previous checkpoint intact."""

@@ -18,6 +18,7 @@ from dreamfusion.clip_eval import CLIP_METRICS, CLIP_SCORES, ranking_prompts, re
 from dreamfusion.config import MAX_PROMPT_CHARS, Config, apply_backend_defaults, flatten_keys, known_keys, set_value
 from dreamfusion.errors import UserInputError
 from dreamfusion.geometry import GEOMETRY_METRICS, LOWER_IS_BETTER
+from dreamfusion.guidance import check_config
 from dreamfusion.mesh import MESH_METRICS
 
 ALGORITHMS = ("grid", "random", "optuna")
@@ -111,7 +112,17 @@ class SweepSpec:
             set_value(config, key, value)
         for dim in self.space:
             set_value(config, dim.key, params[dim.key])
-        return config.validate()
+        return check_config(config)
+
+    @property
+    def most_refine_iterations(self) -> int:
+        """The longest stage 2 of any trial (``refine.iterations`` may be searched)."""
+        values = [self.base_config().refine.iterations]
+        for dim in self.space:
+            if dim.key == "refine.iterations":
+                values += [int(v) for v in dim.values]
+        values += [int(c["refine.iterations"]) for c in self.candidates.values() if "refine.iterations" in c]
+        return max(values)
 
     @property
     def clip_model(self) -> str:
@@ -192,7 +203,7 @@ def parse_spec(data: Any, base_dir: Path, where: str = "sweep spec") -> SweepSpe
     spec.prompts = _prompts(data["prompts"], base_dir, spec.guidance, where)
     _parse_search(spec, data.get("search", {}), where)
     _parse_scheduler(spec, data.get("scheduler", "fifo"), where)
-    spec.base_config().validate()  # the base config with the sweep's own fields is valid on its own
+    check_config(spec.base_config())  # the base config with the sweep's own fields is valid on its own
     return spec
 
 
@@ -267,7 +278,7 @@ def _base_config(config: Any, overrides: Any, where: str) -> dict[str, Any]:
     try:
         for key, value in flat.items():
             set_value(probe, key, value)
-        probe.validate()
+        check_config(probe)
     except UserInputError as exc:
         raise _fail(where, f"config: {exc}", "fix the value in config or overrides") from None
     return flat
@@ -423,7 +434,7 @@ def _candidates(value: Any, spec: SweepSpec, where: str) -> dict[str, dict[str, 
         try:
             for key, setting in {**spec.config, **flat}.items():
                 set_value(probe, key, setting)
-            probe.validate()
+            check_config(probe)
         except UserInputError as exc:
             raise _fail(where, f"{at} is invalid ({exc})", "change its values") from None
         same = [other for other, values in candidates.items() if values == flat]
@@ -495,7 +506,7 @@ def _check_value(spec: SweepSpec, key: str, value: Any, at: str, where: str) -> 
         for base_key, base_value in spec.config.items():
             set_value(probe, base_key, base_value)
         set_value(probe, key, value)
-        probe.validate()
+        check_config(probe)
     except UserInputError as exc:
         raise _fail(where, f"{at} value {value!r} is invalid ({exc})", "change the value or its range") from None
 

@@ -170,7 +170,7 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
             param_space[CANDIDATE] = tune.grid_search(list(spec.candidates))
         search_alg = BasicVariantGenerator(random_state=0)
         num_samples = spec.samples_per_prompt
-    reports = math.ceil(spec.iterations / spec.report_every)
+    reports = math.ceil((spec.iterations + spec.most_refine_iterations) / spec.report_every)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler_metric,
                                mode=spec.scheduler_mode, max_t=reports, grace_period=spec.grace_period,
                                reduction_factor=spec.reduction_factor)

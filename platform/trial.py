@@ -120,7 +120,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     identity = {"mlflow_run_id": tracked.run_id, "artifact_uri": tracked.artifact_uri, "trial_key": key, **node}
     if tracked.finished_metrics is not None:
         # Finished before the driver died and lost track of it: report the result, do not rerun.
-        tune.report({**tracked.finished_metrics, **identity, "step": config.iterations, "final": 1})
+        tune.report({**tracked.finished_metrics, **identity,
+                     "step": config.iterations + config.refine.iterations, "final": 1})
         return
 
     started = time.perf_counter()
@@ -135,7 +136,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         tracked.client.set_tag(tracked.run_id, "dreamfusion.resumed_from_step", str(trainer.step))
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     try:
-        while trainer.step < config.iterations:
+        while trainer.step < trainer.total_iterations:
             trainer.train(until=trainer.step + spec.report_every)
             metrics: dict[str, Any] = {**chunk.means(), "step": trainer.step,
                                        "skipped_steps": trainer.skipped_steps}
@@ -143,9 +144,9 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                 tracked.record(step, values)
             # The four-view colour strip, step by step: MLflow's image grid compares trials with it.
             tracked.record_image(VIEWS_IMAGE_KEY, trainer.step, render_progress_row(
-                trainer.field, trainer.shading("albedo"), config.export.progress_resolution, trainer.occupancy,
+                trainer.render_views, trainer.shading("albedo"), config.export.progress_resolution,
                 with_opacity=False).numpy())
-            final = trainer.step >= config.iterations
+            final = trainer.step >= trainer.total_iterations
             if final:
                 summary = finish_run(trainer, run_dir, time.perf_counter() - started, judge, rank_prompts)
                 # Checkpoint, export and metrics: what a trial spends after its last step, beside the steps' time.

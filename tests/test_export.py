@@ -6,7 +6,7 @@ import pytest
 import torch
 import trimesh
 
-from dreamfusion.export import render_turntable, write_progress, write_videos, write_viewer
+from dreamfusion.export import field_views, render_turntable, write_progress, write_videos, write_viewer
 from dreamfusion.mesh import bake_texture, extract_mesh, write_textured
 from dreamfusion.prior.shapes import SDFField, find_object
 from dreamfusion.renderer import Shading
@@ -46,7 +46,8 @@ def test_viewer_is_self_contained(cube_textured, tmp_path):
 
 def test_turntable_videos_decode(tmp_path):
     field = SDFField(find_object("a house with a red door"))
-    frames = render_turntable(field, frames=4, resolution=32, shading=Shading("lambertian"), samples_per_ray=48)
+    frames = render_turntable(field_views(field, samples_per_ray=48), frames=4, resolution=32,
+                              shading=Shading("lambertian"))
     assert frames.shape == (4, 32, 32, 3) and frames.dtype == np.uint8
     assert not np.array_equal(frames[0], frames[1])  # the camera moves
     paths = write_videos(frames, tmp_path, fps=4)

@@ -8,6 +8,7 @@ import torch
 from dreamfusion.cameras import VIEW_LABELS
 from dreamfusion.config import Config, apply_backend_defaults, apply_overrides
 from dreamfusion.errors import UserInputError
+from dreamfusion.guidance import check_config
 from dreamfusion.guidance.diffusion import DeepFloydIFGuidance, StableDiffusionGuidance, prompt_texts
 from dreamfusion.guidance.synthetic import SyntheticGuidance
 from dreamfusion.sds import guided, perp_neg_views, view_weights
@@ -185,4 +186,4 @@ def test_the_synthetic_prior_takes_every_control_with_view_labels():
 ])
 def test_bad_control_settings_are_one_clear_error(overrides, message):
     with pytest.raises(UserInputError, match=message.replace(".", r"\.")):
-        apply_overrides(Config(prompt="a head with a face"), overrides).validate()
+        check_config(apply_overrides(Config(prompt="a head with a face"), overrides))

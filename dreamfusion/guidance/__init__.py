@@ -9,6 +9,18 @@ from dreamfusion.guidance.base import Guidance
 from dreamfusion.text_cache import TextEmbeddingCache
 
 
+def check_config(config: Config) -> Config:
+    """``config.validate()`` and the checks only its backend can make (the synthetic prior knows which
+    negative prompts it can condition on), before any work."""
+    config.validate()
+    if config.sds.negative_prompt and config.guidance.backend == "synthetic":
+        from dreamfusion.guidance.synthetic import prior_condition
+        from dreamfusion.sds import negative_text
+
+        prior_condition(negative_text(config.sds.negative_prompt, config.prompt))
+    return config
+
+
 def make_guidance(config: Config, cache_dir: Path | None = None, text_cache: TextEmbeddingCache | None = None
                   ) -> Guidance:
     """The configured backend; ``cache_dir`` holds the synthetic prior's photos, ``text_cache`` a real
@@ -30,4 +42,4 @@ def make_guidance(config: Config, cache_dir: Path | None = None, text_cache: Tex
     raise AssertionError(f"unvalidated guidance backend {config.guidance.backend!r}")
 
 
-__all__ = ["Guidance", "make_guidance"]
+__all__ = ["Guidance", "check_config", "make_guidance"]

@@ -1,0 +1,130 @@
+"""Stage 2, the mesh: DMTet refinement of a stage-1 field under the same SDS loss."""
+
+import json
+
+import pytest
+import torch
+
+from dreamfusion.config import apply_overrides
+from dreamfusion.evaluate import evaluate_views, held_out_cameras
+from dreamfusion.geometry import mesh_accuracy
+from dreamfusion.mesh import extract_mesh
+from dreamfusion.pipeline import compute_metrics, export_mesh, run_prompt
+from dreamfusion.renderer import Shading
+from dreamfusion.trainer import Trainer
+from tests.conftest import tiny_config
+
+# Stage 2 at the tiny prior's own resolution, on a small grid: seconds a step on a CPU.
+TINY_REFINE = ["refine.resolution=16", "refine.grid_resolution=20", "refine.batch_size=2"]
+
+
+def refining(iterations: int, refine_iterations: int, *extra: str):
+    return tiny_config(iterations=iterations, extra=[*TINY_REFINE, f"refine.iterations={refine_iterations}", *extra])
+
+
+def test_stage_two_follows_stage_one_and_renders_the_mesh():
+    trainer = Trainer(refining(3, 2))
+    trainer.train(until=3)
+    assert trainer.stage == "refine" and trainer.refiner is None  # built at its first step, not before
+    metrics = trainer.train_step()
+    assert metrics["stage"] == 2.0 and metrics["mesh_faces"] > 0 and trainer.refiner is not None
+    trainer.train()
+    assert trainer.step == trainer.total_iterations == 5
+    [out] = trainer.render_views(held_out_cameras().slice(0, 2), 16, (Shading("albedo"),))
+    assert out.rgb.shape == (2, 3, 16, 16) and 0 < float(out.opacity.mean()) < 1
+
+
+def test_refinement_moves_the_sdf_and_the_vertices_and_keeps_the_texture_learning():
+    trainer = Trainer(refining(3, 3))
+    trainer.train(until=4)
+    sdf, deform = trainer.refiner.sdf.detach().clone(), trainer.refiner.deform.detach().clone()
+    table = trainer.field.encoder.table.detach().clone()
+    trainer.train()
+    assert not torch.equal(sdf, trainer.refiner.sdf) and not torch.equal(deform, trainer.refiner.deform)
+    assert not torch.equal(table, trainer.field.encoder.table)
+
+
+def test_a_run_stopped_inside_stage_two_resumes_to_the_same_weights(tmp_path):
+    config = refining(3, 5)
+    straight = Trainer(config)
+    straight.train()
+    first = Trainer(config)
+    first.train(until=5)
+    first.save_checkpoint(tmp_path / "checkpoint.pt")
+    resumed = Trainer(config)
+    resumed.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed.step == 5 and resumed.refiner is not None
+    resumed.train()
+    for name, value in straight.refiner.state_dict().items():
+        torch.testing.assert_close(resumed.refiner.state_dict()[name], value, rtol=0, atol=0)
+    for name, value in straight.field.state_dict().items():
+        torch.testing.assert_close(resumed.field.state_dict()[name], value, rtol=0, atol=0)
+    assert [s for s, _ in resumed.snapshots] == [s for s, _ in straight.snapshots]
+
+
+def test_progress_rows_come_from_both_stages():
+    trainer = Trainer(refining(4, 4, "export.progress_snapshots=4"))
+    trainer.train()
+    assert [step for step, _ in trainer.snapshots] == [0, 2, 4, 6]  # two of the field, two of the mesh
+
+
+def test_the_exported_mesh_is_the_refined_mesh():
+    trainer = Trainer(refining(6, 2))
+    trainer.train()
+    exported = export_mesh(trainer)
+    refined = trainer.refiner.mesh()
+    assert len(exported.faces) == len(refined.faces)
+    cubes = extract_mesh(trainer.field, 32, 5.0)
+    assert len(exported.faces) != len(cubes.faces)
+
+
+@pytest.mark.slow
+def test_a_short_refinement_of_the_red_ball_lowers_its_normal_error():
+    config = tiny_config(iterations=60, extra=["refine.resolution=32", "guidance.prior_resolution=32",
+                                               "render.resolution=32", "refine.grid_resolution=32",
+                                               "refine.iterations=40", "export.eval_resolution=32"])
+    trainer = Trainer(config)
+    trainer.train(until=config.iterations)
+    coarse = compute_metrics(trainer, mesh=export_mesh(trainer))
+    trainer.train()
+    refined = compute_metrics(trainer, mesh=export_mesh(trainer))
+    assert refined["normal_error_deg"] < coarse["normal_error_deg"]
+    assert refined["chamfer"] < coarse["chamfer"]
+
+
+@pytest.mark.slow
+def test_an_empty_scene_skips_refinement_with_the_warning(tmp_path, capsys):
+    config = refining(1, 3, "field.blob_density=0")
+    summary = run_prompt(config, tmp_path / "empty")
+    assert any("refinement skipped" in w for w in summary["warnings"])
+    assert any("no mesh" in w for w in summary["warnings"])
+    assert summary["iterations"] == 4 and "silhouette_iou" in summary["metrics"]
+    saved = json.loads((tmp_path / "empty" / "summary.json").read_text())
+    assert saved["warnings"] == summary["warnings"]
+
+
+def test_refinement_settings_are_validated():
+    from dreamfusion.errors import UserInputError
+
+    for bad, message in (("refine.t_min=0.6", "refine.t_min"), ("refine.grid_resolution=4", "grid_resolution"),
+                         ("refine.visibility=opengl", "refine.visibility"), ("refine.iterations=-1", "iterations")):
+        with pytest.raises(UserInputError, match=message):
+            apply_overrides(tiny_config(), [bad]).validate()
+
+
+def test_evaluating_the_truth_as_a_mesh_scores_like_the_truth():
+    """The metrics of a render function: the refined path's evaluation on the truth's own mesh."""
+    from dreamfusion.dmtet import TetMesh
+    from dreamfusion.geometry import truth_surface
+    from dreamfusion.guidance.synthetic import SyntheticGuidance
+    from dreamfusion.prior.shapes import SDFField, find_object
+    from dreamfusion.refine import render_mesh
+
+    truth = truth_surface("a red ball").mesh
+    mesh = TetMesh(torch.tensor(truth.vertices, dtype=torch.float32), torch.tensor(truth.faces),
+                   torch.zeros(0, 2, dtype=torch.long))
+    field = SDFField(find_object("a red ball"))
+    guidance = SyntheticGuidance(tiny_config())
+    metrics = evaluate_views(lambda c, r, s: render_mesh(field, mesh, c, r, s), "a red ball", guidance.prior, 32)
+    assert metrics["normal_error_deg"] < 1.5 and metrics["r_precision_colour"] == 1.0
+    assert mesh_accuracy("a red ball", truth)["chamfer"] < 1e-3
