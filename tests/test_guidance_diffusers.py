@@ -158,3 +158,14 @@ def test_out_of_memory_names_the_knobs(monkeypatch):
         trainer.train_step()
     for knob in ("render.resolution", "render.batch_size", "guidance.checkpointing", "guidance.dtype"):
         assert knob in str(caught.value)
+
+
+def test_stable_diffusion_runs_refinement_steps(tiny_sd):
+    config = real_config("stable-diffusion", tiny_sd, "iterations=2", "refine.iterations=2", "refine.resolution=32",
+                         "refine.grid_resolution=16", "refine.batch_size=1")
+    assert Config().refine.resolution == 64 and real_config("stable-diffusion", tiny_sd).refine.resolution == 512
+    trainer = Trainer(config)
+    trainer.train()
+    assert trainer.refiner is not None and trainer.step == 4
+    assert trainer.refine_guidance is trainer.guidance  # the same model; only the synthetic prior re-renders
+    assert trainer.refiner.sdf.grad is not None and trainer.refiner.sdf.grad.abs().sum() > 0

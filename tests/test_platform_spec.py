@@ -333,3 +333,17 @@ def test_pending_trials_say_what_they_wait_for(tmp_path, monkeypatch):
     progress.stalled_since -= 31
     progress.on_step_end(0, waiting)
     assert "2 pending, each needs 1 CPU, 1 GPU; free in the cluster: 7/8 CPU, 0/0 GPU" in stream.text
+
+
+def test_refinement_keys_are_searchable_and_size_the_schedule():
+    searched = parse_spec(spec(iterations=40, search={"space": {"refine.iterations": {"grid": [0, 30]},
+                                                                 "refine.sdf_threshold": {"grid": [2.0, 5.0]}},
+                                                      "metric": "chamfer"},
+                               scheduler={"type": "asha", "metric": "chamfer"}), REPO)
+    assert searched.most_refine_iterations == 30 and searched.mode == "min" and searched.scheduler_mode == "min"
+    assert searched.needs_eval_each_report and searched.needs_mesh_each_report
+    config = searched.trial_config({"prompt": "a red ball", "seed": 0, "refine.iterations": 30,
+                                    "refine.sdf_threshold": 5.0})
+    assert config.refine.iterations == 30 and config.refine.sdf_threshold == 5.0
+    with pytest.raises(UserInputError, match="refine.t_min"):
+        parse_spec(spec(config={"refine.t_min": 0.9}), REPO)
