@@ -144,11 +144,33 @@ def speed(out: Path, repeats: int = 7, samples: int = 2**18, overrides: tuple[st
             finish_run(trained, Path(directory) / "run", 0.0)
             results[f"post_training_occupancy_{'on' if occupancy else 'off'}_s"] = time.perf_counter() - started
     trained.occupancy = grid
+    results.update(_refine_step_seconds(trained, repeats, overrides))
 
     table = _speed_table(results, size, base.render.batch_size, count)
     payload = {"machine": _machine(device), "command": "dreamfusion bench speed", "results": results}
     _write(out, "speed", payload, table)
     return payload
+
+
+def _refine_step_seconds(trained: Trainer, repeats: int, overrides: tuple[str, ...]) -> dict[str, float]:
+    """Stage 2 on the trained field at the refinement's defaults: one step, and its visibility pass alone
+    (Embree on the CPU, the torch z-buffer on CUDA)."""
+    from dreamfusion.cameras import sample_cameras
+    from dreamfusion.rasterizer import embree_visibility, resolve_visibility, zbuffer
+
+    config = apply_overrides(copy.deepcopy(trained.config), ["refine.iterations=10000", *overrides])
+    trainer = Trainer(config)
+    trainer.field.load_state_dict(trained.field.state_dict())
+    trainer.step = config.iterations  # stage 1 done
+    step_seconds = _median_seconds(trainer.train_step, repeats)
+    mesh = trainer.refiner.mesh()
+    vertices, faces, resolution = mesh.vertices.detach(), mesh.faces, config.refine.resolution
+    cameras = sample_cameras(config.camera, config.refine.batch_size, torch.Generator().manual_seed(0))
+    backend = resolve_visibility(config.refine.visibility, vertices.device)
+    visibility = embree_visibility if backend == "embree" else zbuffer
+    return {"refine_step_s": step_seconds, "refine_resolution": resolution, "refine_batch": config.refine.batch_size,
+            "refine_mesh_faces": float(faces.shape[0]), "refine_visibility_backend": backend,
+            "refine_visibility_s": _median_seconds(lambda: visibility(vertices, faces, cameras, resolution), repeats)}
 
 
 def _speed_table(results: dict[str, float], size: int, batch: int, count: str) -> list[str]:
@@ -179,6 +201,12 @@ def _speed_table(results: dict[str, float], size: int, batch: int, count: str) -
         table.append(f"| after training (checkpoint, export, metrics at the defaults), occupancy on | {on:.4g} |")
         table.append(f"| after training, occupancy off | {off:.4g} |")
         table.append(f"| ratio off/on (after training) | {off / on:.2f}x |")
+    if "refine_step_s" in results:
+        side = results["refine_resolution"]
+        table.append(f"| refinement step, {side}x{side}, batch {results['refine_batch']}, a mesh of "
+                     f"{results['refine_mesh_faces']:.0f} faces | {results['refine_step_s']:.4g} |")
+        table.append(f"| its visibility pass ({results['refine_visibility_backend']}) | "
+                     f"{results['refine_visibility_s']:.4g} |")
     autograd_step = results[f"sds_step_{size}px_lambertian_autograd_normals_occupancy_on_s"]
     table.append(f"| SDS step, {size}x{size}, batch {batch}, lambertian shading, autograd normals, occupancy on "
                  f"| {autograd_step:.4g} |")

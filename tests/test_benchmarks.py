@@ -91,7 +91,8 @@ def test_quality_records_every_option_that_shaped_the_table(tmp_path, monkeypatc
 def test_speed_times_every_case_and_writes_its_table(tmp_path):
     from tests.conftest import TINY
 
-    benchmarks.speed(tmp_path, repeats=1, samples=2**8, overrides=tuple(TINY), warmup_steps=2)
+    refine = ("refine.resolution=16", "refine.grid_resolution=16")
+    benchmarks.speed(tmp_path, repeats=1, samples=2**8, overrides=(*TINY, *refine), warmup_steps=2)
     results = json.loads((tmp_path / "speed.json").read_text())["results"]
     for key in ("field_forward_2^8_s", "field_normals_analytic_forward_backward_2^8_s",
                 "field_normals_autograd_forward_backward_2^8_s", "sds_step_16px_albedo_occupancy_off_s",
@@ -101,6 +102,8 @@ def test_speed_times_every_case_and_writes_its_table(tmp_path):
     assert "| SDS step, 16x16, batch 2, lambertian shading, occupancy on" in table
     assert "ratio autograd/analytic normals (lambertian step)" in table
     assert results["post_training_occupancy_on_s"] > 0 and "ratio off/on (after training)" in table
+    assert results["refine_step_s"] > 0 and results["refine_visibility_s"] > 0
+    assert "| refinement step, 16x16, batch 4" in table and "| its visibility pass (embree) |" in table
 
 
 def test_guidance_benchmark_tables_each_case_with_its_machine(tmp_path, monkeypatch):

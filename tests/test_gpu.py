@@ -68,3 +68,18 @@ def test_field_checkpointing_gives_the_same_gradient_with_less_memory():
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-4 * scale)
     assert peaks[1] < peaks[0]
 
+
+
+def test_refinement_on_the_gpu_uses_the_torch_zbuffer_and_matches_embree():
+    from dreamfusion.evaluate import held_out_cameras
+    from dreamfusion.rasterizer import embree_visibility, resolve_visibility, zbuffer
+
+    trainer = Trainer(tiny_config(iterations=10, extra=["device=cuda", "refine.iterations=3", "refine.resolution=16",
+                                                        "refine.grid_resolution=24"]))
+    trainer.train()
+    mesh = trainer.refiner.mesh()
+    assert resolve_visibility("auto", mesh.vertices.device) == "torch" and mesh.vertices.is_cuda
+    cameras = held_out_cameras()
+    on_gpu = zbuffer(mesh.vertices.detach(), mesh.faces, cameras, 64).cpu()
+    on_cpu = embree_visibility(mesh.vertices.detach().cpu(), mesh.faces.cpu(), cameras, 64)
+    assert (on_gpu == on_cpu).float().mean() > 0.995
