@@ -128,3 +128,18 @@ def test_evaluating_the_truth_as_a_mesh_scores_like_the_truth():
     metrics = evaluate_views(lambda c, r, s: render_mesh(field, mesh, c, r, s), "a red ball", guidance.prior, 32)
     assert metrics["normal_error_deg"] < 1.5 and metrics["r_precision_colour"] == 1.0
     assert mesh_accuracy("a red ball", truth)["chamfer"] < 1e-3
+
+
+@pytest.mark.slow
+def test_run_with_refinement_then_eval_from_the_cli(tmp_path, capsys):
+    from dreamfusion.cli import main
+    from tests.conftest import TINY
+
+    out = tmp_path / "ball"
+    settings = [arg for item in [*TINY, *TINY_REFINE, "refine.iterations=3"] for arg in ("--set", item)]
+    assert main(["run", "a red ball", "--out", str(out), "--iters", "4", *settings]) == 0
+    assert "a red ball [refine]" in capsys.readouterr().err  # the bar shows the stage
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 7 and {"chamfer", "normal_error_deg", "mesh_psnr"} <= set(summary["metrics"])
+    assert main(["eval", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(summary["metrics"], abs=1e-6)
