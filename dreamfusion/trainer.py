@@ -171,19 +171,7 @@ class Trainer:
             + cfg.sds.lambda_opacity * opacity_reg
             + cfg.sds.lambda_entropy * entropy
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        finite = math.isfinite(float(loss.detach())) and all(
-            bool(torch.isfinite(p.grad).all()) for p in self.field.parameters() if p.grad is not None
-        )
-        if finite:
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.field.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-        else:
-            # NaN guard: a poisoned step is skipped (and counted) rather than written into the weights.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
+        finite = self._optimise(loss, self.optimizer, cfg.optim.grad_clip)
         self.scheduler.step()
         self.step += 1
         metrics = {
@@ -206,6 +194,23 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_step_end(self, metrics)
         return metrics
+
+    def _optimise(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0) -> bool:
+        """Backward and an optimiser step; False when the loss or a gradient is not finite."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        finite = math.isfinite(float(loss.detach())) and all(
+            bool(torch.isfinite(p.grad).all()) for p in parameters if p.grad is not None)
+        if not finite:
+            # NaN guard: a poisoned step is skipped (and counted) rather than written into the weights.
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return False
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        optimizer.step()
+        return True
 
     # --- stage 2: the mesh ---------------------------------------------------------------------------
 
@@ -268,16 +273,7 @@ class Trainer:
         pixels = cfg.refine.resolution**2
         loss = (sds.loss + pixels * (cfg.refine.lambda_normal_consistency * regularisers["normal_consistency"]
                                      + cfg.refine.lambda_laplacian * regularisers["laplacian"]))
-        self.refine_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        parameters = [p for group in self.refine_optimizer.param_groups for p in group["params"]]
-        finite = math.isfinite(float(loss.detach())) and all(
-            bool(torch.isfinite(p.grad).all()) for p in parameters if p.grad is not None)
-        if finite:
-            self.refine_optimizer.step()
-        else:
-            self.refine_optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
+        finite = self._optimise(loss, self.refine_optimizer)
         self.step += 1
         metrics = {
             "loss": float(loss.detach()) if finite else float("nan"),
