@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go: the compiled Triton kernels against their references and whole
-# runs on CUDA (tests/test_triton_kernels.py, tests/test_gpu.py), then the kernel, speed, guidance and
+# runs on CUDA (tests/test_triton_kernels.py, tests/test_gpu.py: refinement with the torch z-buffer among
+# them), then the kernel, speed (a refinement step and its CUDA visibility pass included), guidance and
 # text (where diffusers is installed: the embedding cache's start-up and the CLIP judge's cost) and
 # quality benchmarks. Run from the repository root on a CUDA machine:
 #
