@@ -80,9 +80,9 @@ def test_the_exported_mesh_is_the_refined_mesh():
 
 @pytest.mark.slow
 def test_a_short_refinement_of_the_red_ball_lowers_its_normal_error():
-    config = tiny_config(iterations=60, extra=["refine.resolution=32", "guidance.prior_resolution=32",
-                                               "render.resolution=32", "refine.grid_resolution=32",
-                                               "refine.iterations=40", "export.eval_resolution=32"])
+    config = tiny_config(iterations=40, extra=["refine.resolution=32", "guidance.prior_resolution=32",
+                                               "render.resolution=32", "refine.grid_resolution=28",
+                                               "refine.iterations=25", "export.eval_resolution=32"])
     trainer = Trainer(config)
     trainer.train(until=config.iterations)
     coarse = compute_metrics(trainer, mesh=export_mesh(trainer))
