@@ -63,10 +63,6 @@ class TetGrid:
     resolution: int
     scale: float
 
-    @property
-    def cell(self) -> float:
-        return 2.0 * self.scale / self.resolution
-
     def to(self, device: torch.device | str) -> TetGrid:
         return TetGrid(self.vertices.to(device), self.tets.to(device), self.resolution, self.scale)
 
@@ -171,24 +167,37 @@ def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def face_adjacency(faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs of faces sharing an edge ``[P, 2]`` and the shared edge ``[P, 2]`` (vertex indices); edges with
-    one face (the mesh's boundary) or more than two are left out."""
+def face_neighbours(faces: torch.Tensor) -> torch.Tensor:
+    """For each face and each of its edges (``(0, 1)``, ``(1, 2)``, ``(2, 0)``), the face across that edge,
+    ``[F, 3]``; -1 on a boundary edge (or a non-manifold one)."""
     device = faces.device
-    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=0)
-    owner = torch.arange(faces.shape[0], device=device).repeat(3)
-    edges = torch.sort(edges, dim=-1).values
-    stride = int(faces.max()) + 1 if faces.numel() else 1
-    keys = edges[:, 0] * stride + edges[:, 1]
+    count = faces.shape[0]
+    neighbours = torch.full((count, 3), -1, dtype=torch.long, device=device)
+    if count == 0:
+        return neighbours
+    edges = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=1).reshape(-1, 2)
+    slot = torch.arange(count * 3, device=device)
+    ordered = torch.sort(edges, dim=-1).values
+    stride = int(faces.max()) + 1
+    keys = ordered[:, 0] * stride + ordered[:, 1]
     order = torch.argsort(keys)
-    keys, owner, edges = keys[order], owner[order], edges[order]
+    keys, slot = keys[order], slot[order]
     same = keys[1:] == keys[:-1]
-    # exactly two faces: equal to the previous key, different from the one before it and the one after
     before = torch.cat([torch.tensor([False], device=device), same[:-1]])
     after = torch.cat([same[1:], torch.tensor([False], device=device)])
-    pair = same & ~before & ~after
-    index = torch.nonzero(pair).squeeze(1)
-    return torch.stack([owner[index], owner[index + 1]], dim=-1), edges[index]
+    index = torch.nonzero(same & ~before & ~after).squeeze(1)
+    first, second = slot[index], slot[index + 1]
+    flat = neighbours.reshape(-1)
+    flat[first] = second // 3
+    flat[second] = first // 3
+    return neighbours
+
+
+def face_adjacency(neighbours: torch.Tensor) -> torch.Tensor:
+    """Each pair of faces sharing an edge once, ``[P, 2]``, from ``face_neighbours``."""
+    face = torch.arange(neighbours.shape[0], device=neighbours.device)[:, None].expand_as(neighbours)
+    once = neighbours > face  # also drops boundary edges (-1)
+    return torch.stack([face[once], neighbours[once]], dim=-1)
 
 
 def normal_consistency(vertices: torch.Tensor, faces: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:

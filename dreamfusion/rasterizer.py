@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dreamfusion.cameras import CameraBatch, generate_rays
+from dreamfusion.dmtet import face_neighbours
 
 BACKGROUND = -1  # the triangle id of a pixel that sees nothing
 VISIBILITY_BACKENDS = ("auto", "embree", "torch")
@@ -180,32 +181,6 @@ def rasterize(vertices: torch.Tensor, faces: torch.Tensor, cameras: CameraBatch,
     v = (d * q).sum(-1) / det
     distance = (e2 * q).sum(-1) / det
     return Rasterized(triangle, hit, torch.stack([1.0 - u - v, u, v], dim=-1), distance, resolution)
-
-
-def face_neighbours(faces: torch.Tensor) -> torch.Tensor:
-    """For each face and each of its edges (``(0, 1)``, ``(1, 2)``, ``(2, 0)``), the face across that edge,
-    ``[F, 3]``; -1 on a boundary edge (or a non-manifold one)."""
-    device = faces.device
-    count = faces.shape[0]
-    neighbours = torch.full((count, 3), -1, dtype=torch.long, device=device)
-    if count == 0:
-        return neighbours
-    edges = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=1).reshape(-1, 2)
-    slot = torch.arange(count * 3, device=device)
-    ordered = torch.sort(edges, dim=-1).values
-    stride = int(faces.max()) + 1
-    keys = ordered[:, 0] * stride + ordered[:, 1]
-    order = torch.argsort(keys)
-    keys, slot = keys[order], slot[order]
-    same = keys[1:] == keys[:-1]
-    before = torch.cat([torch.tensor([False], device=device), same[:-1]])
-    after = torch.cat([same[1:], torch.tensor([False], device=device)])
-    index = torch.nonzero(same & ~before & ~after).squeeze(1)
-    first, second = slot[index], slot[index + 1]
-    flat = neighbours.reshape(-1)
-    flat[first] = second // 3
-    flat[second] = first // 3
-    return neighbours
 
 
 def antialias(image: torch.Tensor, rasterized: Rasterized, vertices: torch.Tensor, faces: torch.Tensor,

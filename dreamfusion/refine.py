@@ -18,6 +18,7 @@ from dreamfusion.dmtet import (
     TetGrid,
     TetMesh,
     face_adjacency,
+    face_neighbours,
     laplacian_smoothness,
     marching_tetrahedra,
     normal_consistency,
@@ -25,7 +26,7 @@ from dreamfusion.dmtet import (
     vertex_normals,
 )
 from dreamfusion.field import RadianceField, density_from_log
-from dreamfusion.rasterizer import antialias, face_neighbours, rasterize
+from dreamfusion.rasterizer import antialias, rasterize
 from dreamfusion.renderer import RenderOutput, Shading, module_device, shade
 
 # How far a grid vertex may move, in cells (DMTet's tanh-bounded offsets; half a cell keeps tets valid).
@@ -93,14 +94,15 @@ class MeshRefiner(nn.Module):
     def mesh(self) -> TetMesh:
         return marching_tetrahedra(self.positions(), self.sdf, self.tets, rest_positions=self.rest)
 
-    def regularisers(self, mesh: TetMesh) -> dict[str, torch.Tensor]:
-        adjacency, _ = face_adjacency(mesh.faces)
+    def regularisers(self, mesh: TetMesh, neighbours: torch.Tensor) -> dict[str, torch.Tensor]:
+        adjacency = face_adjacency(neighbours)
         return {"normal_consistency": normal_consistency(mesh.vertices, mesh.faces, adjacency),
                 "laplacian": laplacian_smoothness(mesh.vertices, mesh.faces)}
 
 
 def render_mesh(field: RadianceField, mesh: TetMesh, cameras: CameraBatch, resolution: int,
-                shadings: tuple[Shading, ...], visibility: str = "auto") -> list[RenderOutput]:
+                shadings: tuple[Shading, ...], visibility: str = "auto", neighbours: torch.Tensor | None = None
+                ) -> list[RenderOutput]:
     """``mesh`` rasterized from ``cameras`` in each of ``shadings``: the field's albedo at the surface points,
     interpolated vertex normals, the field's background behind, silhouettes antialiased (differentiable in the
     mesh's vertices and the field's parameters)."""
@@ -124,7 +126,8 @@ def render_mesh(field: RadianceField, mesh: TetMesh, cameras: CameraBatch, resol
     opacity = rasterized.scatter(torch.ones(len(normals), 1, device=device), zeros)
     normal_image = rasterized.scatter(normals, background.new_zeros(batch, resolution, resolution, 3))
     depth = rasterized.scatter(rasterized.distance[:, None], zeros)
-    neighbours = face_neighbours(faces)
+    if neighbours is None:
+        neighbours = face_neighbours(faces)
     images = torch.cat([rasterized.scatter(shade(albedo, normals, light, shading), background)
                         for shading in shadings] + [opacity], dim=1)
     smoothed = antialias(images, rasterized, mesh.vertices, faces, cameras, neighbours)

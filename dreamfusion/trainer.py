@@ -21,6 +21,7 @@ import torch
 
 from dreamfusion.cameras import CameraBatch, sample_cameras, view_condition
 from dreamfusion.config import Config, resolve_device
+from dreamfusion.dmtet import face_neighbours
 from dreamfusion.errors import UserInputError
 from dreamfusion.export import render_progress_row
 from dreamfusion.field import NeRFField
@@ -263,12 +264,14 @@ class Trainer:
         mesh = self.refiner.mesh()
         if mesh.faces.shape[0] == 0:
             raise UserInputError("the refined mesh vanished (its SDF is positive everywhere): lower refine.lr_sdf")
-        [output] = render_mesh(self.field, mesh, cameras, cfg.refine.resolution, (shading,), cfg.refine.visibility)
+        neighbours = face_neighbours(mesh.faces)  # the mesh's topology, for the antialias and the regularisers
+        [output] = render_mesh(self.field, mesh, cameras, cfg.refine.resolution, (shading,), cfg.refine.visibility,
+                               neighbours)
         sds_config = dataclasses.replace(cfg.sds, t_min=cfg.refine.t_min, t_max=cfg.refine.t_max,
                                          t_max_final=cfg.refine.t_max)
         sds = sds_loss(self.refine_guidance, output.rgb.float(), views, sds_config, self.refine_progress,
                        self.generator, shading.mode == "textureless")
-        regularisers = self.refiner.regularisers(mesh)
+        regularisers = self.refiner.regularisers(mesh, neighbours)
         # Regularisers are weighted per image as stage 1's are: against an SDS surrogate summed over pixels.
         pixels = cfg.refine.resolution**2
         loss = (sds.loss + pixels * (cfg.refine.lambda_normal_consistency * regularisers["normal_consistency"]

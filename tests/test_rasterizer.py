@@ -7,7 +7,8 @@ import torch
 import trimesh
 
 from dreamfusion.cameras import cameras_from_angles, generate_rays
-from dreamfusion.rasterizer import BACKGROUND, antialias, embree_visibility, face_neighbours, rasterize, zbuffer
+from dreamfusion.dmtet import face_neighbours
+from dreamfusion.rasterizer import BACKGROUND, antialias, embree_visibility, rasterize, zbuffer
 
 
 def cameras(count: int = 3):
