@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -24,7 +23,7 @@ from dreamfusion.field import RadianceField
 from dreamfusion.geometry import normal_error_from_render
 from dreamfusion.prior.shapes import find_object
 from dreamfusion.prior.synthetic import PHOTO_SHADING, SyntheticPrior, prompt_index, render_ground_truth
-from dreamfusion.renderer import OccupancyGrid, RenderOutput, Shading, render_batched_shadings
+from dreamfusion.renderer import OccupancyGrid, RenderOutput, Shading, ViewRenderer, render_batched_shadings
 
 EVAL_RESOLUTION = ExportConfig.eval_resolution
 EVAL_SAMPLES = ExportConfig.eval_samples_per_ray
@@ -50,10 +49,6 @@ def front_cameras() -> CameraBatch:
 
 def back_cameras() -> CameraBatch:
     return _ring([150.0, 165.0, 180.0, 195.0, 210.0])
-
-
-# ``(cameras, resolution, shadings) -> [RenderOutput per shading]``: what is judged (a field, a refined mesh).
-ViewRenderer = Callable[[CameraBatch, int, tuple[Shading, ...]], list[RenderOutput]]
 
 
 def _render(views: ViewRenderer, cameras: CameraBatch, modes: tuple[str, ...], resolution: int

@@ -7,7 +7,6 @@ import base64
 import html
 import io
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -18,12 +17,7 @@ from PIL import Image, ImageDraw
 from dreamfusion.cameras import CameraBatch, cameras_from_angles
 from dreamfusion.field import RadianceField
 from dreamfusion.mesh import TexturedMesh
-from dreamfusion.renderer import OccupancyGrid, RenderOutput, Shading, render_batched_shadings
-
-# What the exports render with: ``(cameras, resolution, shadings) -> [RenderOutput per shading]``, without
-# gradients. ``field_views`` makes one of a field; ``Trainer.render_views`` is the run's (its refined mesh
-# once stage 2 has begun).
-ViewRenderer = Callable[[CameraBatch, int, tuple[Shading, ...]], list[RenderOutput]]
+from dreamfusion.renderer import OccupancyGrid, RenderOutput, Shading, ViewRenderer, render_batched_shadings
 
 
 def field_views(field: RadianceField, occupancy: OccupancyGrid | None = None, samples_per_ray: int = 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,6 +46,12 @@ class RenderOutput:
     samples_evaluated: int  # samples composited (in training: evaluated with gradients)
     samples_total: int  # the dense march's samples
     samples_probed: int = 0  # samples the density-only early-termination pass evaluated
+
+
+# What exports and metrics render with: ``(cameras, resolution, shadings) -> [RenderOutput per shading]``,
+# without gradients: a field marched (``export.field_views``) or the run's result (``Trainer.render_views``,
+# its refined mesh once stage 2 has begun).
+ViewRenderer = Callable[[CameraBatch, int, tuple[Shading, ...]], list[RenderOutput]]
 
 
 class OccupancyGrid(nn.Module):

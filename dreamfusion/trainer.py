@@ -257,8 +257,7 @@ class Trainer:
         assert self.refiner is not None and self.refine_optimizer is not None and self.refine_guidance is not None
         if self.step in self.snapshot_steps:
             self.record_snapshot()
-        shading = self.shading(SHADING_MODES[int(torch.multinomial(
-            torch.tensor(cfg.render.shading_ratios, dtype=torch.float64), 1, generator=self.generator))])
+        shading = self._shading_for_step()  # stage 1's draw; its albedo warm-up is long over
         cameras = sample_cameras(cfg.camera, cfg.refine.batch_size, self.generator)
         views = view_condition(cameras, cfg.camera) if cfg.sds.view_dependent or cfg.sds.perp_neg else None
         mesh = self.refiner.mesh()
