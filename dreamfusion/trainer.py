@@ -27,6 +27,7 @@ from dreamfusion.export import render_progress_row
 from dreamfusion.field import NeRFField
 from dreamfusion.guidance import Guidance, make_guidance
 from dreamfusion.memory import out_of_memory_message
+from dreamfusion.rasterizer import resolve_visibility
 from dreamfusion.refine import EmptySceneError, MeshRefiner, render_mesh
 from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, RenderOutput, Shading, render, render_batched_shadings
 from dreamfusion.sds import sds_loss
@@ -69,6 +70,11 @@ class Trainer:
             resolve_backend(config.field.backend, self.device)
         except BackendUnavailable as exc:
             raise UserInputError(str(exc)) from None
+        if config.refine.iterations:
+            try:  # a visibility backend this machine lacks fails now, not when stage 1 is over
+                resolve_visibility(config.refine.visibility, self.device)
+            except ValueError as exc:
+                raise UserInputError(f"refine.visibility: {exc}; use refine.visibility=auto or torch") from None
         # Parameter initialisation draws from the global RNG; seed it so a run is a function of its seed.
         torch.manual_seed(config.seed)
         self.field = NeRFField(config.field).to(self.device)

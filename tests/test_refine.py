@@ -112,6 +112,15 @@ def test_refinement_settings_are_validated():
             apply_overrides(tiny_config(), [bad]).validate()
 
 
+def test_a_visibility_backend_the_machine_lacks_is_refused_before_training(monkeypatch):
+    from dreamfusion import rasterizer
+    from dreamfusion.errors import UserInputError
+
+    monkeypatch.setattr(rasterizer, "_has_embree", lambda: False)
+    with pytest.raises(UserInputError, match="refine.visibility: .*embreex"):
+        Trainer(refining(2, 2, "refine.visibility=embree"))
+
+
 def test_evaluating_the_truth_as_a_mesh_scores_like_the_truth():
     """The metrics of a render function: the refined path's evaluation on the truth's own mesh."""
     from dreamfusion.dmtet import TetMesh
