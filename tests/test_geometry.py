@@ -11,6 +11,7 @@ from scipy.spatial import cKDTree
 from dreamfusion.evaluate import held_out_cameras
 from dreamfusion.geometry import (
     FSCORE_THRESHOLD,
+    distance_to_mesh,
     mesh_accuracy,
     normal_error_deg,
     normal_error_from_render,
@@ -75,6 +76,20 @@ def test_vertex_noise_scores_what_the_noise_predicts():
     assert to_truth.mean() == pytest.approx(predicted, rel=0.05)
     assert 0.7 * predicted < to_mesh.mean() < to_truth.mean()
     assert mesh_accuracy(BALL, noisy)["chamfer"] == pytest.approx(0.5 * (to_truth.mean() + to_mesh.mean()))
+
+
+def test_point_to_mesh_distance_matches_trimesh_near_and_far_from_a_lumpy_mesh():
+    """Against trimesh's own closest_point, on points at the surface, inside and far off (where every box
+    holds most of the mesh); a far-off lumpy blob against the fine truth mesh stays in bounded memory."""
+    rng = np.random.default_rng(3)
+    blob = trimesh.creation.icosphere(subdivisions=3, radius=0.3)
+    blob.vertices += rng.normal(0.0, 0.02, blob.vertices.shape)
+    points = np.concatenate([sample_surface(blob, 300), rng.uniform(-1.0, 1.0, (700, 3))])
+    _, expected, _ = trimesh.proximity.closest_point(blob, points)
+    np.testing.assert_allclose(distance_to_mesh(points, blob), expected, rtol=0, atol=1e-12)
+    far = trimesh.creation.icosphere(subdivisions=5, radius=0.1)
+    scores = mesh_accuracy(HOUSE, far, samples=5000)  # trimesh's boxes: ~1e8 pairs here, GBs
+    assert 0.3 < scores["chamfer"] < 1.0 and scores["fscore"] == 0.0
 
 
 def kd_tree_scores(prompt: str, mesh: trimesh.Trimesh, count: int = 400_000) -> dict[str, float]:
