@@ -68,19 +68,26 @@ def test_dashboard_shows_the_sweep_and_the_viewer_draws_the_mesh(tmp_path):
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
             page = browser.new_page(viewport={"width": 1800, "height": 800})
-            page.goto(link)  # as a user would: the link `dreamfusion ui` printed, nothing clicked
-            # The sweep's trials only (its parent run filtered out), sorted by its metric, in "Model training".
-            page.get_by_text(f"{len(children)} matching runs").wait_for(timeout=60_000)
-            page.get_by_text("Sort: silhouette_iou").wait_for(timeout=30_000)
-            for column in ("prompt", "sds.guidance_scale", "silhouette_iou"):
-                page.get_by_role("columnheader", name=re.compile(f"^{re.escape(column[:12])}")).first.wait_for(
-                    timeout=30_000)
-            assert page.get_by_text("No data available").count() == 0  # not the GenAI overview
-            values = {str(c.data.metrics["silhouette_iou"]) for c in children}
-            rows = [cells.split("\n") for cells in page.locator("[role=row]").all_inner_texts()]
-            shown = [float(next(cell for cell in cells if cell in values)) for cells in rows
-                     if {"a red ball", "a blue cube"} & set(cells)]
-            assert len(shown) == len(children) and shown == sorted(shown, reverse=True), shown
+            try:
+                page.goto(link)  # as a user would: the link `dreamfusion ui` printed, nothing clicked
+                # The sweep's trials only (its parent run filtered out), sorted by its metric, in "Model training".
+                page.get_by_text(f"{len(children)} matching runs").wait_for(timeout=60_000)
+                page.get_by_text("Sort: silhouette_iou").wait_for(timeout=30_000)
+                for column in ("prompt", "sds.guidance_scale", "silhouette_iou"):
+                    page.get_by_role("columnheader", name=re.compile(f"^{re.escape(column[:12])}")).first.wait_for(
+                        timeout=30_000)
+                left = {name: page.get_by_role("columnheader", name=name, exact=True).first.bounding_box()["x"]
+                        for name in ("prompt", "silhouette_iou", "chamfer")}
+                assert left["prompt"] < left["silhouette_iou"] < left["chamfer"], left  # the view's order
+                assert page.get_by_text("No data available").count() == 0  # not the GenAI overview
+                values = {str(c.data.metrics["silhouette_iou"]) for c in children}
+                rows = [cells.split("\n") for cells in page.locator("[role=row]").all_inner_texts()]
+                shown = [float(next(cell for cell in cells if cell in values)) for cells in rows
+                         if {"a red ball", "a blue cube"} & set(cells)]
+                assert len(shown) == len(children) and shown == sorted(shown, reverse=True), shown
+            except Exception:
+                page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"))  # what the browser showed
+                raise
             page.screenshot(path=str(ARTIFACTS / "dashboard-experiment.png"))
 
             page.goto(f"{base}/#/experiments/{experiment_id}/runs/{children[0].info.run_id}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from types import SimpleNamespace
@@ -112,3 +113,28 @@ def test_ui_stopped_by_sigterm_stops_its_server(tmp_path):
     while answers():  # the MLflow server goes with it
         assert time.monotonic() < deadline, "the MLflow server outlived `dreamfusion ui`"
         time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_tracking_server_runs_without_mlflow_job_runner(tmp_path):
+    """MLflow 3 starts a job runner and its huey consumers (~1.8 GB) by default; ours leaves them out. The
+    control with ``jobs=True`` shows the check would see them within the same wait."""
+    import psutil
+
+    def job_processes(server: tracking.TrackingServer) -> list[str]:
+        commands = []
+        for pid in server.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                commands.append(" ".join(psutil.Process(pid).cmdline()))
+        return [c for c in commands if "mlflow.server.jobs" in c or "huey" in c]
+
+    for jobs in (True, False):
+        server = tracking.TrackingServer(tmp_path / f"mlflow-{jobs}", jobs=jobs).start()
+        try:
+            deadline = time.monotonic() + 20.0
+            while time.monotonic() < deadline and not job_processes(server):
+                time.sleep(0.5)
+            assert bool(job_processes(server)) == jobs
+            assert server.healthy()
+        finally:
+            server.stop()
