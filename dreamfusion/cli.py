@@ -17,19 +17,25 @@ EXIT_BAD_INPUT = 2
 
 
 class _Progress:
-    """A tqdm bar on a terminal; periodic lines with ETA when stderr is a log file."""
+    """A tqdm bar on a terminal; periodic lines with ETA when stderr is a log file. After the last step, a
+    bar per phase of the export and evaluation (frames for the turntable)."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.bar = None
+        self.phase_bar = None
 
-    def on_train_start(self, trainer) -> None:
+    @staticmethod
+    def _bar(**options):
         from tqdm import tqdm
 
+        options.setdefault("mininterval", 0.5 if sys.stderr.isatty() else 10.0)
+        return tqdm(dynamic_ncols=True, file=sys.stderr, **options)
+
+    def on_train_start(self, trainer) -> None:
         # Created here, not before the trainer: a run refused at set-up prints its error line alone.
-        self.bar = tqdm(total=trainer.total_iterations, desc=self._describe(trainer), unit="step",
-                        dynamic_ncols=True, initial=trainer.step,
-                        mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+        self.bar = self._bar(total=trainer.total_iterations, desc=self._describe(trainer), unit="step",
+                             initial=trainer.step)
 
     def _describe(self, trainer) -> str:
         """The stage the bar is in, where the run has two: the field (coarse), then the mesh (refine)."""
@@ -42,6 +48,19 @@ class _Progress:
 
     def on_train_end(self, trainer) -> None:
         self.bar.close()
+
+    def on_finish_phase(self, trainer, phase: str, done: int, total: int) -> None:
+        description = f"{self.label} [{phase}]"
+        if self.phase_bar is None or self.phase_bar.desc != description:
+            if self.phase_bar is not None:
+                self.phase_bar.close()
+            self.phase_bar = None
+            if phase == "done":
+                return
+            self.phase_bar = self._bar(total=total, desc=description, unit="frame" if total > 1 else "phase",
+                                       mininterval=0.5 if sys.stderr.isatty() else 5.0)
+            self.phase_bar.refresh()  # shown as the phase begins, not at its first unit
+        self.phase_bar.update(done - self.phase_bar.n)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

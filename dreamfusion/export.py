@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -31,14 +32,18 @@ def field_views(field: RadianceField, occupancy: OccupancyGrid | None = None, sa
 
 @torch.no_grad()
 def render_turntable(views: ViewRenderer, frames: int, resolution: int, shading: Shading,
-                     elevation: float = 15.0, radius: float = 2.2, fov: float = 45.0, chunk: int = 8) -> np.ndarray:
-    """``[frames, H, W, 3]`` uint8, the camera circling the object once."""
+                     elevation: float = 15.0, radius: float = 2.2, fov: float = 45.0, chunk: int = 8,
+                     on_frames: Callable[[int], None] | None = None) -> np.ndarray:
+    """``[frames, H, W, 3]`` uint8, the camera circling the object once; ``on_frames(done)`` after each chunk."""
     azimuth = torch.linspace(0.0, 360.0, frames + 1)[:-1]
     cameras = cameras_from_angles(azimuth, torch.full((frames,), elevation), torch.full((frames,), radius),
                                   torch.full((frames,), fov))
-    rgb = torch.cat([views(cameras.slice(start, start + chunk), resolution, (shading,))[0].rgb.cpu()
-                     for start in range(0, frames, chunk)])
-    return (rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    rgb = []
+    for start in range(0, frames, chunk):
+        rgb.append(views(cameras.slice(start, start + chunk), resolution, (shading,))[0].rgb.cpu())
+        if on_frames is not None:
+            on_frames(min(start + chunk, frames))
+    return (torch.cat(rgb).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
 def write_videos(frames: np.ndarray, directory: Path, fps: int, stem: str = "turntable") -> dict[str, Path]:

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,29 +103,41 @@ def export_artifacts(trainer: Trainer, directory: Path
     warnings: list[str] = []
     fidelity: dict[str, float] = {}
     mesh: trimesh.Trimesh | None = None
+    trainer.report_phase("mesh")
     try:
         mesh = export_mesh(trainer)
     except NoSurfaceError as exc:
         warnings.append(f"no mesh or viewer exported: {exc}")
     else:
+        trainer.report_phase("texture")
         textured = bake_texture(trainer.field, mesh, cfg.export.texture_size)
         paths.update(write_textured(textured, mesh, directory))
         paths["viewer_html"] = write_viewer(textured, directory / "viewer.html", cfg.prompt)
+        trainer.report_phase("mesh fidelity")
         fidelity = mesh_fidelity(trainer.field, textured.trimesh(), held_out_cameras(), cfg.export.eval_resolution,
                                  cfg.export.eval_samples_per_ray, trainer.occupancy)
         if fidelity["mesh_psnr"] < MESH_PSNR_WARNING or fidelity["mesh_silhouette_iou"] < MESH_IOU_WARNING:
             warnings.append(f"the exported mesh departs from the renders (mesh_psnr {fidelity['mesh_psnr']:.1f} dB, "
                             f"mesh_silhouette_iou {fidelity['mesh_silhouette_iou']:.2f}): raise "
                             "export.mesh_resolution or export.texture_size, or lower export.density_threshold")
-    frames = render_turntable(trainer.render_views, cfg.export.video_frames, cfg.export.video_resolution,
-                              trainer.shading("lambertian"))
+    frame_count = cfg.export.video_frames
+    trainer.report_phase("turntable", 0, frame_count)
+    frames = render_turntable(trainer.render_views, frame_count, cfg.export.video_resolution,
+                              trainer.shading("lambertian"),
+                              on_frames=lambda done: trainer.report_phase("turntable", done, frame_count))
     paths.update(write_videos(frames, directory, cfg.export.video_fps))
+    trainer.report_phase("previews")
     previews = render_previews(trainer.render_views, trainer.shading, resolution=cfg.export.preview_resolution)
     paths.update(write_previews(previews, directory))
     if cfg.export.progress_snapshots:
+        trainer.report_phase("progress.png")
         trainer.record_snapshot()  # the final state, as the last row
         paths["progress"] = write_progress(trainer.snapshots, directory / "progress.png")
     return paths, warnings, fidelity, mesh
+
+
+def _quiet(phase: str) -> None:
+    """No one to tell."""
 
 
 def mesh_if_any(trainer: Trainer) -> trimesh.Trimesh | None:
@@ -137,13 +149,16 @@ def mesh_if_any(trainer: Trainer) -> trimesh.Trimesh | None:
 
 
 def compute_metrics(trainer: Trainer, judge: ClipJudge | None = None, rank_prompts: list[str] | None = None,
-                    mesh: trimesh.Trimesh | None = None) -> dict[str, float]:
+                    mesh: trimesh.Trimesh | None = None, report_phase: Callable[[str], None] = _quiet
+                    ) -> dict[str, float]:
     """The synthetic prior's metrics where the prompt is one of its objects, with the 3D accuracy (``chamfer``,
     ``fscore``) of the run's ``mesh`` when one is given; with a CLIP ``judge``, the CLIP scores too, and
-    R-precision among ``rank_prompts`` (the run's own prompt among them)."""
+    R-precision among ``rank_prompts`` (the run's own prompt among them). ``report_phase`` hears each part
+    begin (``Trainer.report_phase`` after training)."""
     metrics: dict[str, float] = {}
     guidance = trainer.guidance
     if isinstance(guidance, SyntheticGuidance):
+        report_phase("metrics")
         from dreamfusion.evaluate import evaluate_field, evaluate_views
         from dreamfusion.geometry import mesh_accuracy
 
@@ -155,8 +170,10 @@ def compute_metrics(trainer: Trainer, judge: ClipJudge | None = None, rank_promp
             metrics.update(evaluate_field(trainer.field, trainer.config.prompt, guidance.prior, trainer.occupancy,
                                           export.eval_resolution, export.eval_samples_per_ray))
         if mesh is not None:
+            report_phase("3D accuracy")
             metrics.update(mesh_accuracy(trainer.config.prompt, mesh))
     if judge is not None:
+        report_phase("CLIP judge")
         metrics.update(judge.judge(trainer, rank_prompts))
     return metrics
 
@@ -224,11 +241,14 @@ def finish_run(trainer: Trainer, out: Path, wall_seconds: float, judge: ClipJudg
     try:
         shutil.rmtree(staging, ignore_errors=True)  # left by an earlier attempt with the same pid
         staging.mkdir()
+        trainer.report_phase("occupancy grid")
+        trainer.bring_grid_up_to_date()  # before the checkpoint: `dreamfusion eval` renders with the same grid
+        trainer.report_phase("checkpoint")
         trainer.save_checkpoint(staging / CHECKPOINT)
         paths, export_warnings, fidelity, mesh = export_artifacts(trainer, staging)
         warnings = [*trainer.warnings, *export_warnings]
         paths["checkpoint"] = staging / CHECKPOINT
-        metrics = {**compute_metrics(trainer, judge, rank_prompts, mesh), **fidelity}
+        metrics = {**compute_metrics(trainer, judge, rank_prompts, mesh, trainer.report_phase), **fidelity}
         post_training = time.perf_counter() - started
         summary = {
             "prompt": trainer.config.prompt,
@@ -242,6 +262,7 @@ def finish_run(trainer: Trainer, out: Path, wall_seconds: float, judge: ClipJudg
             "warnings": warnings,
         }
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2))
+        trainer.report_phase("done", 1, 1)
         for item in staging.iterdir():
             if item.name != SUMMARY:
                 os.replace(item, out / item.name)

@@ -74,7 +74,9 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("occupied", torch.ones((resolution,) * 3, dtype=torch.bool))
 
     @torch.no_grad()
-    def update(self, field: RadianceField, generator: torch.Generator, backend: str = "auto") -> None:
+    def update(self, field: RadianceField, generator: torch.Generator, backend: str = "auto",
+               decay: float | None = None) -> None:
+        decay = self.decay if decay is None else decay
         r = self.resolution
         axis = torch.arange(r, dtype=torch.float32, device=self.density.device)
         cells = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
@@ -85,14 +87,23 @@ class OccupancyGrid(nn.Module):
         fresh = torch.where(inside, density_from_log(log_density).reshape(r, r, r), 0.0)
         previous = torch.where(torch.isinf(self.density), 0.0, self.density)
         # The threshold follows the density this update leaves: the mean over the bounding sphere's cells.
-        mean = torch.maximum(previous * self.decay, fresh)[inside].mean()
+        mean = torch.maximum(previous * decay, fresh)[inside].mean()
         threshold = float(torch.clamp(mean, max=self.density_cap))
         updated, above = occupancy_update(
-            self.density, fresh, self.decay, threshold, resolve_backend(backend, self.density.device)
+            self.density, fresh, decay, threshold, resolve_backend(backend, self.density.device)
         )
         self.density.copy_(updated)
         dense = above.float()[None, None]
         self.occupied.copy_(F.max_pool3d(dense, kernel_size=3, stride=1, padding=1)[0, 0] > 0)
+
+    @torch.no_grad()
+    def refresh(self, field: RadianceField, generator: torch.Generator, backend: str = "auto",
+                samples: int = 4) -> None:
+        """The grid as the field stands now: the most of ``samples`` random points per cell, with none of the
+        decayed memory of earlier fields (which, early in training, still holds the initial blob)."""
+        self.density.zero_()
+        for _ in range(samples):
+            self.update(field, generator, backend, decay=1.0)
 
     def contains(self, points: torch.Tensor) -> torch.Tensor:
         """Whether each of ``points`` ``[N, 3]`` lies in an occupied cell (the cell rule of ``march_rays``)."""

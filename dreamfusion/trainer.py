@@ -43,6 +43,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: truncated, corrupted, or from another configuration."""
 
 
+# Updates of the occupancy grid after which it follows the field (with the warm-up, see bring_grid_up_to_date).
+MIN_GRID_UPDATES = 4
+
+
 class TrainerCallback:
     """Hooks a driver (CLI progress bar, Ray Tune, MLflow) implements; all are optional."""
 
@@ -51,6 +55,10 @@ class TrainerCallback:
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
 
     def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def on_finish_phase(self, trainer: Trainer, phase: str, done: int, total: int) -> None:
+        """After the last step (``pipeline.finish_run``): ``done`` of ``total`` units of ``phase`` (frames of
+        the turntable; 0 of 1 as any other phase begins)."""
 
 
 class Trainer:
@@ -311,6 +319,21 @@ class Trainer:
                                    self.config.refine.visibility)
             return render_batched_shadings(self.field, cameras, resolution, samples_per_ray, shadings,
                                            self.occupancy, deferred=True)
+
+    def bring_grid_up_to_date(self) -> bool:
+        """Before a run's results are rendered: a grid that has not converged (the run ended inside its
+        warm-up, or after too few updates) still holds the decayed initial blob, so the exports would march
+        space the field has left; it is rebuilt from the field's density now. Returns whether it was."""
+        render = self.config.render
+        converged_after = max(render.occupancy_warmup_steps, MIN_GRID_UPDATES * render.occupancy_update_every)
+        if self.occupancy is None or self.refiner is not None or self.step >= converged_after:
+            return False
+        self.occupancy.refresh(self.field, self.generator, self.config.field.backend)
+        return True
+
+    def report_phase(self, phase: str, done: int = 0, total: int = 1) -> None:
+        for callback in self.callbacks:
+            callback.on_finish_phase(self, phase, done, total)
 
     def record_snapshot(self) -> None:
         """A row of ``progress.png``: albedo and opacity at fixed cameras, now."""

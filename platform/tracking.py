@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TRIAL_KEY_TAG = "dreamfusion.trial_key"
 SWEEP_TAG = "dreamfusion.sweep"
+PHASE_TAG = "dreamfusion.phase"  # training, then each phase after the last step, then done
 PARENT_TAG = "mlflow.parentRunId"
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -261,6 +262,14 @@ class TrialRun:
                         "flush", str(exc).splitlines()[0][:200], len(self.pending), len(self.pending_images))
             return False
         return True
+
+    def set_phase(self, phase: str) -> None:
+        """The ``dreamfusion.phase`` tag: what the trial does after its last step (best effort: a phase
+        the server missed is stale for a few seconds, not lost data)."""
+        try:
+            self.client.set_tag(self.run_id, PHASE_TAG, phase)
+        except Exception as exc:  # noqa: BLE001 - any transport failure: the next phase tries again
+            log.warning("MLflow: the trial's phase tag was not set (%s)", str(exc).splitlines()[0][:200])
 
     def log_artifacts(self, paths: Iterable[Path], attempts: int = 12, wait: float = 10.0) -> None:
         for path in paths:

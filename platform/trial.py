@@ -73,6 +73,27 @@ class ChunkMetrics(TrainerCallback):
         return out
 
 
+class PhaseTag(TrainerCallback):
+    """A trainer callback: the trial's phase (training, then mesh, texture, turntable, metrics, ..., done) as
+    its MLflow run's ``dreamfusion.phase`` tag, set when the phase changes, so the dashboard shows where a
+    trial is between its last report and its end."""
+
+    def __init__(self, tracked: TrialRun) -> None:
+        self.tracked = tracked
+        self.phase = ""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._enter("training")
+
+    def on_finish_phase(self, trainer: Trainer, phase: str, done: int, total: int) -> None:
+        self._enter(phase)
+
+    def _enter(self, phase: str) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            self.tracked.set_phase(phase)
+
+
 def restore_newest_readable(trainer: Trainer, checkpoint) -> None:
     """Load Tune's latest checkpoint of this trial or, when it is corrupt or truncated, the newest one
     kept before it (``num_to_keep=2``); with none readable the trial starts again from step 0."""
@@ -127,7 +148,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     started = time.perf_counter()
     chunk = ChunkMetrics()
     text_cache = TextEmbeddingCache(Path(context.cache_dir))
-    trainer = Trainer(config, callbacks=[chunk], text_cache=text_cache)
+    trainer = Trainer(config, callbacks=[chunk, PhaseTag(tracked)], text_cache=text_cache)
     judge = make_judge(config, trainer.device, text_cache)
     rank_prompts = spec.rank_prompts(config.prompt) if judge is not None else None
     checkpoint = tune.get_checkpoint()

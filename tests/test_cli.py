@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,12 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "ball"
     overrides = [arg for item in TINY for arg in ("--set", item)]
     assert main(["run", "A Red Ball", "--out", str(out), "--iters", "8", "--seed", "3", *overrides]) == 0
+    console = capsys.readouterr().err
+    # After the last step, each phase shows itself as it begins; the turntable counts its frames.
+    for phase in ("occupancy grid", "checkpoint", "mesh", "texture", "turntable", "previews", "metrics",
+                  "3D accuracy"):
+        assert f"a red ball [{phase}]" in console, phase
+    assert re.search(r"a red ball \[turntable\]: 100%.* 4/4 ", console)  # export.video_frames=4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["prompt"] == "a red ball" and summary["iterations"] == 8
     # 8 steps leave a half-transparent blob, whose mesh at the density threshold is rightly flagged.

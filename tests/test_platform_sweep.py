@@ -147,6 +147,7 @@ def test_the_candidate_search_spec_runs_and_ranks_its_candidates(tmp_path):
     assert all(name in ranking for name in candidates)
     _, children = sweep_runs(tmp_path / "ws", data["name"])
     assert {c.data.params["candidate"] for c in children} == set(candidates)
+    assert {c.data.tags["dreamfusion.phase"] for c in children} == {"done"}  # shown phase by phase, then done
 
 
 def trial_results(workspace: Path, name: str) -> list[dict]:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,3 +221,49 @@ def test_deferred_shading_matches_shading_each_sample_on_a_surface():
         assert float((once.rgb - each.rgb).abs().mean()) < 0.01, mode
         assert float((once.normals - each.normals).abs().mean()) < 0.02, mode
         torch.testing.assert_close(once.opacity, each.opacity)
+
+
+def test_a_refreshed_grid_forgets_the_field_it_was_built_on():
+    """Early in training the grid's decayed memory still holds the first field; a refresh holds the field as
+    it stands, as a grid that only ever saw it would, and the march evaluates fewer samples."""
+    ball = SDFField(find_object("a red ball"))
+
+    class InitialBlob(torch.nn.Module):  # a wide, dense start, as a field's initial blob is
+        def log_density_and_albedo(self, points):
+            inside = points.norm(dim=-1) < 0.9
+            return torch.where(inside, math.log(50.0), -20.0), torch.full_like(points, 0.5)
+
+    grid = OccupancyGrid(resolution=16, min_optical_thickness=0.01, step_size=2.0 / 48)
+    for _ in range(3):
+        grid.update(InitialBlob(), torch.Generator().manual_seed(0))
+    grid.update(ball, torch.Generator().manual_seed(1))
+    cams = front_camera(2, azimuth=30.0, elevation=10.0)
+    stale = render(ball, cams, 16, 48, Shading("albedo"), grid)
+    grid.refresh(ball, torch.Generator().manual_seed(2))
+    only_ball = OccupancyGrid(resolution=16, min_optical_thickness=0.01, step_size=2.0 / 48)
+    generator = torch.Generator().manual_seed(2)
+    only_ball.density.zero_()
+    for _ in range(4):
+        only_ball.update(ball, generator, decay=1.0)
+    assert torch.equal(grid.occupied, only_ball.occupied) and torch.equal(grid.density, only_ball.density)
+    fresh = render(ball, cams, 16, 48, Shading("albedo"), grid)
+    assert fresh.samples_evaluated < stale.samples_evaluated
+    assert float((fresh.rgb - stale.rgb).abs().max()) < 0.03
+
+
+def test_a_short_run_brings_its_grid_up_to_date_and_a_converged_run_keeps_its_own():
+    from tests.conftest import tiny_config
+
+    grid_settings = ["render.occupancy_warmup_steps=8", "render.occupancy_update_every=2"]
+    short = Trainer(tiny_config("a red ball", iterations=3, extra=grid_settings))
+    short.train()
+    before = short.occupancy.density.clone()
+    assert short.bring_grid_up_to_date() and not torch.equal(short.occupancy.density, before)
+    converged = Trainer(tiny_config("a red ball", iterations=8, extra=grid_settings))
+    converged.train()
+    state = {k: v.clone() for k, v in converged.occupancy.state_dict().items()}
+    cams = front_camera(2, azimuth=30.0, elevation=10.0)
+    renders = converged.render_views(cams, 16, (converged.shading("albedo"),))[0].rgb
+    assert not converged.bring_grid_up_to_date()
+    assert all(torch.equal(v, converged.occupancy.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(converged.render_views(cams, 16, (converged.shading("albedo"),))[0].rgb, renders)
