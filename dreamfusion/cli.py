@@ -52,7 +52,8 @@ class _Progress:
     def on_finish_phase(self, trainer, phase: str, done: int, total: int) -> None:
         description = f"{self.label} [{phase}]"
         if self.phase_bar is None or self.phase_bar.desc != description:
-            if self.phase_bar is not None:
+            if self.phase_bar is not None:  # a phase ends as the next begins: shown whole, with its time
+                self.phase_bar.update(self.phase_bar.total - self.phase_bar.n)
                 self.phase_bar.close()
             self.phase_bar = None
             if phase == "done":

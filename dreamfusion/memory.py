@@ -58,13 +58,14 @@ def _no_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     return function(*args)
 
 
-def checkpointer(mode: str) -> Callable[..., Any]:
-    """``checkpointer(mode)(function, *tensors)``: run ``function`` and recompute its activations in the
-    backward pass instead of storing them. ``mode``: auto (DeepSpeed if installed, else torch),
-    deepspeed, torch, off."""
+def checkpointer(mode: str, device: torch.device) -> Callable[..., Any]:
+    """``checkpointer(mode, device)(function, *tensors)``: run ``function`` and recompute its activations in
+    the backward pass instead of storing them. ``mode``: auto (DeepSpeed on CUDA where installed, torch
+    otherwise), deepspeed, torch, off. On a CPU, DeepSpeed would compile its shared-memory communication op
+    (C++) at first use on each machine, for nothing torch's checkpointing does not do, so auto takes torch's."""
     if mode == "off":
         return _no_checkpoint
-    if mode in ("auto", "deepspeed"):
+    if mode == "deepspeed" or (mode == "auto" and device.type == "cuda"):
         found = _deepspeed_checkpoint()
         if found is not None:
             return found

@@ -84,6 +84,17 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_sd, mode):
     torch.testing.assert_close(grads[mode], grads["off"], rtol=1e-5, atol=1e-6)
 
 
+def test_automatic_checkpointing_on_a_cpu_builds_nothing():
+    """On a CPU, auto takes torch's checkpointing: DeepSpeed would compile its communication op (C++)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from dreamfusion.memory import checkpointer, _torch_checkpoint; "
+            "assert checkpointer('auto', torch.device('cpu')) is _torch_checkpoint; "
+            "assert 'deepspeed' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_field_checkpointing_gives_the_same_gradients():
     from tests.conftest import tiny_config
 
@@ -169,3 +180,21 @@ def test_stable_diffusion_runs_refinement_steps(tiny_sd):
     assert trainer.refiner is not None and trainer.step == 4
     assert trainer.refine_guidance is trainer.guidance  # the same model; only the synthetic prior re-renders
     assert trainer.refiner.sdf.grad is not None and trainer.refiner.sdf.grad.abs().sum() > 0
+
+
+def test_a_real_backend_run_prints_our_lines_only_and_its_phases_after_training(tiny_sd, tmp_path):
+    """Diffusers' advice to install accelerate and its float32 cast warning, DeepSpeed's accelerator line and
+    its C++ build are gone (fixed at their causes); what follows the last step shows phase by phase."""
+    import subprocess
+    import sys
+
+    overrides = [arg for item in [*TINY, "export.texture_size=64"] for arg in ("--set", item)]
+    done = subprocess.run([sys.executable, "-m", "dreamfusion_platform.cli", "run", "a hamburger", "--guidance",
+                           "stable-diffusion", "--model", str(tiny_sd), "--iters", "2", "--out", str(tmp_path / "run"),
+                           *overrides], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line.strip() for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith(("a hamburger", "warning: the exported mesh"))]
+    assert ours == lines, [line for line in lines if line not in ours]
+    for phase in ("occupancy grid", "mesh", "turntable", "previews"):
+        assert any(line.startswith(f"a hamburger [{phase}]: 100%") for line in lines), phase

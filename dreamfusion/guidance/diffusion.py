@@ -51,15 +51,20 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 @contextlib.contextmanager
 def _transformers_errors_only():
     """Loading a tower of a two-tower checkpoint (CLIP's vision or text model) makes transformers print a
-    report of every weight of the other tower, as a warning: expected here, so not shown."""
+    report of every weight of the other tower, as a warning: expected here, so not shown; nor is its bar
+    per loaded file (the run's own lines say what it does)."""
     from transformers.utils import logging as transformers_logging
 
     level = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
         transformers_logging.set_verbosity(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def load_pretrained(loader, model: str, subfolder: str, option: str = "--model", **kwargs):
@@ -115,7 +120,8 @@ class DiffusersGuidance(Guidance):
         if components is None:
             texts = prompt_texts(config.prompt, config.sds.negative_prompt)
             embedded = self.embed_texts(model, list(texts.values()), self.device, text_cache)
-            components = {"unet": load_pretrained(UNet2DConditionModel, model, "unet", use_safetensors=True),
+            components = {"unet": load_pretrained(UNet2DConditionModel, model, "unet", use_safetensors=True,
+                                                  torch_dtype=self.dtype),
                           "scheduler": load_pretrained(DDPMScheduler, model, "scheduler"),
                           "embeddings": {key: embedded[text] for key, text in texts.items()}}
         self.alphas_cumprod = components["scheduler"].alphas_cumprod.float().cpu()
@@ -159,7 +165,11 @@ class DiffusersGuidance(Guidance):
         return {text: hidden[i] for i, text in enumerate(texts)}
 
     def _freeze(self, module: torch.nn.Module) -> torch.nn.Module:
-        module = module.to(self.device, self.dtype).eval()
+        # Loaded in self.dtype (``torch_dtype``), so diffusers keeps the modules it must in float32 and has
+        # no cast to warn about; ready components (random weights) are cast here.
+        if any(p.is_floating_point() and p.dtype != self.dtype for p in module.parameters()):
+            module = module.to(self.dtype)
+        module = module.to(self.device).eval()
         module.requires_grad_(False)
         return module
 
@@ -221,12 +231,12 @@ class StableDiffusionGuidance(DiffusersGuidance):
 
         super().__init__(config, device, components, text_cache)
         vae = components["vae"] if components else load_pretrained(AutoencoderKL, config.guidance.model, "vae",
-                                                         use_safetensors=True)
+                                                         use_safetensors=True, torch_dtype=self.dtype)
         self.vae = self._freeze(vae)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.image_size = int(self.vae.config.sample_size)
         self.latent_size = self.image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.checkpoint = checkpointer(config.guidance.checkpointing)
+        self.checkpoint = checkpointer(config.guidance.checkpointing, self.device)
 
     def to(self, device: torch.device) -> StableDiffusionGuidance:
         if device != self.device:
