@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import trimesh
 
 from dreamfusion.clip_eval import ClipJudge, ranking_prompts
@@ -43,11 +45,51 @@ from dreamfusion.prior.synthetic import default_cache_dir
 from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion.trainer import Trainer, TrainerCallback, read_checkpoint
 
+log = logging.getLogger(__name__)
+
 SUMMARY = "summary.json"
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 CHECKPOINT = "checkpoint.pt"
 ARTIFACT_KEYS = ("mesh_glb", "mesh_obj", "mesh_mtl", "texture_png", "mesh_ply", "video_webm", "video_gif",
                  "viewer_html", "renders_colour", "renders_textureless", "renders_normals", "progress", "checkpoint")
+
+
+# Rays per turntable pixel: Trainer.render_views' default march.
+TURNTABLE_SAMPLES_PER_RAY = 64
+# The export's worst case beyond which a CPU run says what it will cost before it starts.
+EXPORT_NOTE_SECONDS = 120.0
+SMALLER_EXPORT = ("export.video_frames=24", "export.video_resolution=128", "export.mesh_resolution=128",
+                  "export.texture_size=512")
+
+
+def field_samples_per_second(field, device: torch.device, count: int = 1 << 15) -> float:
+    """How many points the field evaluates per second here (density and albedo, no gradients)."""
+    points = torch.rand(count, 3, device=device) * 2.0 - 1.0
+    with torch.no_grad():
+        field.log_density_and_albedo(points)  # warm-up: first-call allocations, kernel selection
+        started = time.perf_counter()
+        field.log_density_and_albedo(points)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return count / max(time.perf_counter() - started, 1e-9)
+
+
+def export_cost_note(config: Config, samples_per_second: float, device: torch.device) -> str | None:
+    """On a CPU, what the export after training costs at most (the turntable marched densely, every mesh
+    cell and texel queried) when that exceeds ``EXPORT_NOTE_SECONDS``, with the keys that make it smaller;
+    None otherwise. The real models' export defaults (``REAL_MODEL_EXPORT``) are sized for a GPU."""
+    if device.type != "cpu":
+        return None
+    export = config.export
+    samples = (export.video_frames * export.video_resolution**2 * TURNTABLE_SAMPLES_PER_RAY
+               + export.mesh_resolution**3 + export.texture_size**2)
+    seconds = samples / samples_per_second
+    if seconds <= EXPORT_NOTE_SECONDS:
+        return None
+    return (f"the export after training will take up to {seconds / 60:.0f} min on this CPU (a "
+            f"{export.video_frames}-frame {export.video_resolution}² turntable, a {export.mesh_resolution}³ mesh, "
+            f"a {export.texture_size}² texture; the field evaluates {samples_per_second / 1e6:.1f} M samples/s "
+            f"here); for a smaller one: " + " ".join(f"--set {item}" for item in SMALLER_EXPORT))
 
 
 def prepare_output_dir(out: Path) -> Path:
@@ -222,6 +264,9 @@ def run_prompt(
     text_cache = TextEmbeddingCache(cache_dir or default_cache_dir())
     judge = make_judge(config, resolve_device(config.device), text_cache)
     trainer = Trainer(config, callbacks=callbacks, cache_dir=cache_dir, text_cache=text_cache)
+    note = export_cost_note(config, field_samples_per_second(trainer.field, trainer.device), trainer.device)
+    if note:
+        log.warning(note)
     trainer.train()
     return finish_run(trainer, out, time.perf_counter() - started, judge, rank_prompts)
 

@@ -22,7 +22,16 @@ from typing import Any
 
 from dreamfusion.config import Config
 from dreamfusion.export import render_progress_row
-from dreamfusion.pipeline import CHECKPOINT, SUMMARY, compute_metrics, finish_run, make_judge, mesh_if_any
+from dreamfusion.pipeline import (
+    CHECKPOINT,
+    SUMMARY,
+    compute_metrics,
+    export_cost_note,
+    field_samples_per_second,
+    finish_run,
+    make_judge,
+    mesh_if_any,
+)
 from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion.trainer import CheckpointError, Trainer, TrainerCallback
 from dreamfusion_platform.spec import CANDIDATE, TRAINING_METRICS, SweepSpec
@@ -149,6 +158,9 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     chunk = ChunkMetrics()
     text_cache = TextEmbeddingCache(Path(context.cache_dir))
     trainer = Trainer(config, callbacks=[chunk, PhaseTag(tracked)], text_cache=text_cache)
+    note = export_cost_note(config, field_samples_per_second(trainer.field, trainer.device), trainer.device)
+    if note:
+        log.warning("trial %s ('%s'): %s", key[:8], config.prompt[:40], note)
     judge = make_judge(config, trainer.device, text_cache)
     rank_prompts = spec.rank_prompts(config.prompt) if judge is not None else None
     checkpoint = tune.get_checkpoint()

@@ -198,3 +198,16 @@ def test_a_real_backend_run_prints_our_lines_only_and_its_phases_after_training(
     assert ours == lines, [line for line in lines if line not in ours]
     for phase in ("occupancy grid", "mesh", "turntable", "previews"):
         assert any(line.startswith(f"a hamburger [{phase}]: 100%") for line in lines), phase
+
+
+def test_a_cpu_run_says_what_the_real_model_export_will_cost_before_training():
+    from dreamfusion.config import REAL_MODEL_EXPORT
+    from dreamfusion.pipeline import export_cost_note
+
+    config = apply_overrides(Config(prompt="a hamburger"), [f"{k}={v}" for k, v in REAL_MODEL_EXPORT.items()])
+    note = export_cost_note(config, 1e6, torch.device("cpu"))
+    # 120 frames of 512² pixels, 64 samples each, a 256³ mesh and a 1024² texture: 2,031 M samples at 1 M/s.
+    assert note.startswith("the export after training will take up to 34 min on this CPU (a 120-frame 512² turntable")
+    assert "--set export.video_frames=24 --set export.video_resolution=128" in note
+    assert export_cost_note(config, 1e6, torch.device("cuda")) is None  # sized for a GPU
+    assert export_cost_note(Config(prompt="a red ball"), 1e6, torch.device("cpu")) is None  # the synthetic sizes
