@@ -211,3 +211,21 @@ def test_a_cpu_run_says_what_the_real_model_export_will_cost_before_training():
     assert "--set export.video_frames=24 --set export.video_resolution=128" in note
     assert export_cost_note(config, 1e6, torch.device("cuda")) is None  # sized for a GPU
     assert export_cost_note(Config(prompt="a red ball"), 1e6, torch.device("cpu")) is None  # the synthetic sizes
+
+
+def test_a_short_real_backend_run_never_marches_densely_after_training(tiny_sd, tmp_path):
+    """Three steps leave the grid inside its warm-up; after training every render marches only what the
+    grid, rebuilt from the field, holds: all of the post-training work evaluates fewer samples than its
+    turntable alone would march densely (counted, not timed)."""
+    from dreamfusion.pipeline import TURNTABLE_SAMPLES_PER_RAY, finish_run
+
+    config = real_config("stable-diffusion", tiny_sd, "iterations=3", "export.video_frames=8",
+                         "export.video_resolution=64", "export.mesh_resolution=48", "export.texture_size=128")
+    trainer = Trainer(config)
+    trainer.train()
+    evaluated = []
+    field_query = trainer.field.log_density_and_albedo
+    trainer.field.log_density_and_albedo = lambda points: evaluated.append(len(points)) or field_query(points)
+    finish_run(trainer, tmp_path / "run", 0.0)
+    dense_turntable = 8 * 64 * 64 * TURNTABLE_SAMPLES_PER_RAY
+    assert sum(evaluated) < dense_turntable, (sum(evaluated), dense_turntable)
