@@ -1,4 +1,5 @@
-"""``dreamfusion bench text``: what the text-embedding cache saves a trial, and what the CLIP judge costs.
+"""``dreamfusion bench text``: what the text-embedding cache saves a trial, its start-up to the first step, and
+what the CLIP judge costs.
 
 The text encoders are the published architectures with random weights (timing and memory do not
 depend on the weights, and nothing is downloaded): Stable Diffusion 2.1-base's OpenCLIP ViT-H text
@@ -7,6 +8,14 @@ bf16, as IF is run in half precision). They are saved in the diffusers layout an
 same code as real weights. A trial's text start-up is timed with a cold cache (load the encoder, hash
 its files once, encode the prompt's six texts, store them) and a warm one (read six safetensors). Each
 case runs in its own process, so its peak memory (RSS on a CPU, allocated memory on a GPU) is its own.
+
+A trial's start-up, from process start to its first SDS step, is timed with full-size Stable Diffusion
+2.1-base (text tower, UNet and VAE of the published architectures, random weights, saved in the diffusers
+layout): cold and warm text cache, with diffusers' low-memory loading (``accelerate``: the model is built
+on the meta device and its weights loaded once) and without it (built with random weights, then
+overwritten: twice the memory for a moment). IF-I-XL is left out: its UNet's published configuration is
+not in the repository (nothing is downloaded) and its 4.3 B parameters in float32 would not fit twice in
+24 GiB.
 
 The CLIP judge uses ViT-B/32's architecture (``openai/clip-vit-base-patch32``): its load, a report's
 ``clip_score`` (8 views in colour and textureless at CLIP's 224 pixels) and the end of a trial (the same
@@ -71,6 +80,49 @@ def build_encoder(name: str, root: Path) -> None:
     torch.set_default_dtype(torch.float32)
     model.save_pretrained(root / "text_encoder")
     word_level_tokenizer(WORDS, 77).save_pretrained(root / "tokenizer")
+
+
+def build_stable_diffusion(root: Path) -> None:
+    """SD 2.1-base in the diffusers layout, random weights: what a trial loads from ``--model``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from dreamfusion.bench_guidance import MODELS, VAE
+
+    build_encoder("sd-2.1-base", root)
+    torch.manual_seed(0)
+    UNet2DConditionModel(**MODELS["sd-2.1-base"]).save_pretrained(root / "unet")
+    AutoencoderKL(**VAE).save_pretrained(root / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  num_train_timesteps=1000).save_pretrained(root / "scheduler")
+
+
+def run_startup_case(model: str, cache: str, low_memory: bool) -> dict[str, Any]:
+    """From this process's start to the end of its first SDS step: imports, text embeddings (from ``cache``
+    or the encoder), the UNet and VAE loaded, the field built, one step."""
+    import psutil
+
+    if not low_memory:  # diffusers' loading as without accelerate: random init, then the weights on top
+        from diffusers import ModelMixin
+
+        load = ModelMixin.from_pretrained.__func__
+        ModelMixin.from_pretrained = classmethod(
+            lambda cls, *args, **kwargs: load(cls, *args, **{**kwargs, "low_cpu_mem_usage": False}))
+    from dreamfusion.config import Config, apply_backend_defaults, apply_overrides
+    from dreamfusion.text_cache import TextEmbeddingCache
+    from dreamfusion.trainer import Trainer
+
+    config = Config(prompt=PROMPT)
+    config.guidance.backend = "stable-diffusion"
+    apply_backend_defaults(config, set())
+    config = apply_overrides(config, [f"guidance.model={model}", "iterations=1"])
+    trainer = Trainer(config, text_cache=TextEmbeddingCache(Path(cache)))
+    built = time.time() - psutil.Process().create_time()
+    trainer.train_step()
+    device = trainer.device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    memory, peak = _peak(device)
+    return {"seconds": time.time() - psutil.Process().create_time(), "seconds_to_trainer": built, memory: peak}
 
 
 def build_clip(root: Path) -> None:
@@ -155,7 +207,7 @@ def text(out: Path, repeats: int = 3, models: list[str] | None = None) -> dict[s
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory = "gpu_peak_gib" if device.type == "cuda" else "peak_rss_gib"
-    results: dict[str, Any] = {"encoders": {}, "clip": None}
+    results: dict[str, Any] = {"encoders": {}, "startup": None, "clip": None}
     with tempfile.TemporaryDirectory(prefix="bench-text-") as scratch:
         root = Path(scratch)
         results["baseline"] = _subprocess({"kind": "baseline"}) if device.type == "cpu" else None
@@ -167,6 +219,17 @@ def text(out: Path, repeats: int = 3, models: list[str] | None = None) -> dict[s
             warm = _subprocess({"kind": "text", "name": name, "model": str(model), "cache": str(cache)})
             results["encoders"][name] = {"cold": cold, "warm": warm}
             print(json.dumps({name: results["encoders"][name]}), flush=True)
+        if "sd-2.1-base" in (models or list(ENCODERS)):
+            model = root / "sd-2.1-base-pipeline"
+            _subprocess({"kind": "build-sd", "root": str(model)})
+            results["startup"] = {}
+            for low_memory in (True, False):
+                cache = root / f"cache-startup-{low_memory}"
+                for which in ("cold", "warm"):
+                    case = _subprocess({"kind": "startup", "model": str(model), "cache": str(cache),
+                                        "low_memory": low_memory})
+                    results["startup"][f"{which}, low-memory loading {'on' if low_memory else 'off'}"] = case
+                    print(json.dumps({"startup": {which: case, "low_memory": low_memory}}), flush=True)
         clip = root / "clip-vit-b-32"
         _subprocess({"kind": "build-clip", "root": str(clip)})
         results["clip"] = _subprocess({"kind": "clip", "model": str(clip), "cache": str(root / "cache-clip"),
@@ -183,6 +246,15 @@ def text(out: Path, repeats: int = 3, models: list[str] | None = None) -> dict[s
             case = cases[which]
             table.append(f"| {name} ({ENCODERS[name]['class']}, {ENCODERS[name]['dtype']}) | {which} | "
                          f"{case['seconds']:.2f} | {case[memory]:.2f} |")
+    if results.get("startup"):
+        table += ["", "A trial's start-up with full-size Stable Diffusion 2.1-base (random weights), from process "
+                  "start to the end of its first SDS step (the synthetic field at the real models' defaults, "
+                  "64² renders):", "",
+                  f"| text cache, loading | seconds to the trainer | seconds to the first step | peak memory "
+                  f"(GiB, {memory}) |", "|---|---|---|---|"]
+        for label, case in results["startup"].items():
+            table.append(f"| {label} | {case['seconds_to_trainer']:.1f} | {case['seconds']:.1f} | "
+                         f"{case[memory]:.2f} |")
     clip_case = results["clip"]
     table += ["", f"The CLIP judge (ViT-B/32 architecture, {clip_case['views']} views at {clip_case['resolution']} px, "
               f"colour and textureless), beside one training step of the synthetic prior's defaults:", "",
@@ -203,6 +275,11 @@ if __name__ == "__main__":
     if kind == "build":
         build_encoder(arguments["name"], Path(arguments["root"]))
         print("{}")
+    elif kind == "build-sd":
+        build_stable_diffusion(Path(arguments["root"]))
+        print("{}")
+    elif kind == "startup":
+        print(json.dumps(run_startup_case(arguments["model"], arguments["cache"], arguments["low_memory"])))
     elif kind == "build-clip":
         build_clip(Path(arguments["root"]))
         print("{}")

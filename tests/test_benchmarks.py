@@ -147,6 +147,8 @@ def test_text_benchmark_tables_each_case_with_its_machine(tmp_path, monkeypatch)
         if case["kind"] == "clip":
             return {"load_seconds": 1.0, "report_seconds": 2.0, "final_seconds": 2.5, "train_step_seconds": 0.1,
                     "views": 8, "resolution": 224, "prompts": 16}
+        if case["kind"] == "startup":
+            return {"seconds": 30.0, "seconds_to_trainer": 20.0, "peak_rss_gib": 6.0 if case["low_memory"] else 9.0}
         return {"seconds": 0.0, "peak_rss_gib": 0.5}
 
     monkeypatch.setattr(bench_text, "_subprocess", case_process)
@@ -156,3 +158,19 @@ def test_text_benchmark_tables_each_case_with_its_machine(tmp_path, monkeypatch)
     table = (tmp_path / "text.md").read_text()
     assert "| if-i-xl (T5EncoderModel, bf16) | cold |" in table and "| if-i-xl (T5EncoderModel, bf16) | warm |" in table
     assert "| each report that needs `clip_score` | 2.00 |" in table and "CPU cores" in table
+    assert "start-up with full-size Stable Diffusion" not in table  # only with SD's own encoder
+    bench_text.text(tmp_path, repeats=2, models=["sd-2.1-base"])
+    table = (tmp_path / "text.md").read_text()
+    assert "| cold, low-memory loading on | 20.0 | 30.0 | 6.00 |" in table
+    assert "| warm, low-memory loading off | 20.0 | 30.0 | 9.00 |" in table
+
+
+def test_startup_case_times_a_trial_to_its_first_step_in_its_own_process(tmp_path, tiny_sd):
+    from dreamfusion import bench_text
+
+    cache = str(tmp_path / "cache")
+    cold = bench_text._subprocess({"kind": "startup", "model": str(tiny_sd), "cache": cache, "low_memory": False})
+    warm = bench_text._subprocess({"kind": "startup", "model": str(tiny_sd), "cache": cache, "low_memory": True})
+    for case in (cold, warm):
+        assert 0 < case["seconds_to_trainer"] < case["seconds"] and case["peak_rss_gib"] > 0
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 6  # the cold start filled the cache
