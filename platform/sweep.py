@@ -439,6 +439,8 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False, address: s
     spec = load_spec(spec_path)
     if not address:
         check_local_resources(spec)
+    if tracking_uri:  # before anything is written: a refused login or no answer is one line
+        tracking.check_server(tracking_uri)
     ws = Workspace(workspace, spec.name)
     ws.check_writable()
     if resume and not ws.state.exists():
@@ -457,6 +459,7 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False, address: s
                              "resume with that file, or start a new sweep under another name")
     if resume and state.get("tracking_uri_given") and not tracking_uri:
         tracking_uri = state["tracking_uri_given"]
+        tracking.check_server(tracking_uri)
 
     total = trial_count(spec)
     warm_cache(spec, ws)

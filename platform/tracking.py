@@ -150,6 +150,31 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def check_server(uri: str) -> None:
+    """One request to the tracking server at ``uri`` with the credentials every trial will use
+    (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``), before any
+    work: a refused login or a server that does not answer is one ``UserInputError`` naming the fix."""
+    if not uri.startswith(("http://", "https://")):
+        return  # a local store (file, sqlite): nothing to reach
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
+                                max_retries=0, timeout=15, raise_on_status=False, json={"max_results": 1})
+    except Exception as exc:  # noqa: BLE001 - any transport failure means the same to the user
+        raise UserInputError(f"cannot reach the tracking server {uri} ({str(exc).splitlines()[0][:160]}); "
+                             "check --tracking-uri and that the server is up") from None
+    if response.status_code in (401, 403):
+        given = "was refused" if os.environ.get("MLFLOW_TRACKING_USERNAME") else "asks for a login and none was given"
+        raise UserInputError(f"the tracking server {uri} {given} (HTTP {response.status_code}): set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment to an "
+                             "account of its login (never in the spec)")
+    if response.status_code != 200:
+        raise UserInputError(f"the tracking server {uri} answered HTTP {response.status_code} to a search; "
+                             "check that --tracking-uri is an MLflow server")
+
+
 def open_parent_run(uri: str, sweep: str, params: dict[str, Any], parent_run_id: str | None = None
                     ) -> tuple[str, str]:
     """The sweep's experiment and parent run: created, or reopened when ``parent_run_id`` is given."""

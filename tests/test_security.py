@@ -108,3 +108,58 @@ def test_servers_bind_to_loopback_unless_asked(tmp_path):
         assert listening and all(address.ip == "127.0.0.1" for address in listening), listening
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_sweep_against_a_tracking_server_that_refuses_it_is_one_line_and_nothing_written(tmp_path):
+    """MLflow's basic-auth app in front of the store: a wrong password, no login at all and a server that
+    does not answer each end the sweep before any work with one line naming the fix, exit code 2."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.test_platform_sweep import sweep_command, write_spec
+
+    password = "a-correct-horse-battery-staple"
+    config = tmp_path / "auth.ini"
+    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'users.db'}\n"
+                      "admin_username = admin\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = tracking.free_port()
+    server_env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                  "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        spec = write_spec(tmp_path, "login")
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        cases = {
+            "was refused (HTTP 401)": ({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}, uri),
+            "asks for a login and none was given": ({}, uri),
+            "cannot reach the tracking server": ({}, f"http://127.0.0.1:{tracking.free_port()}"),
+        }
+        for expected, (login, target) in cases.items():
+            workspace = tmp_path / f"ws-{len(expected)}"
+            done = subprocess.run(sweep_command(spec, workspace, "--tracking-uri", target), capture_output=True,
+                                  text=True, timeout=300, env={**base_env, **login})
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stderr[-2000:]
+            assert "MLFLOW_TRACKING_PASSWORD" in lines[0] or "--tracking-uri" in lines[0]
+            assert "wrong" not in done.stderr and password not in done.stderr
+            assert not workspace.exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
