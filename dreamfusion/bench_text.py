@@ -249,8 +249,8 @@ def text(out: Path, repeats: int = 3, models: list[str] | None = None) -> dict[s
                          f"{case['seconds']:.2f} | {case[memory]:.2f} |")
     if results.get("startup"):
         table += ["", "A trial's start-up with full-size Stable Diffusion 2.1-base (random weights), from process "
-                  "start to the end of its first SDS step (the synthetic field at the real models' defaults, "
-                  "64² renders):", "",
+                  "start to the end of its first SDS step (the field and renders at Stable Diffusion's defaults: "
+                  "64² renders resized to 512² for the VAE):", "",
                   f"| text cache, loading | seconds to the trainer | peak memory to the trainer (GiB, {memory}) | "
                   f"seconds to the first step | peak memory to the first step |", "|---|---|---|---|---|"]
         for label, case in results["startup"].items():
