@@ -163,3 +163,28 @@ def test_a_sweep_against_a_tracking_server_that_refuses_it_is_one_line_and_nothi
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_shared_tracking_server_of_the_compose_file_asks_for_a_login(tmp_path):
+    """infra/mlflow/docker-compose.yaml (no Docker here): the server runs MLflow's basic-auth app, its secret
+    key and admin password are required from the environment, and its one shell line writes an auth config
+    that MLflow's reader takes."""
+    import configparser
+    import subprocess
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "mlflow" / "docker-compose.yaml")
+                             .read_text())
+    server = compose["services"]["mlflow"]
+    shell, flag, script = server["command"]
+    assert (shell, flag) == ("sh", "-c") and "\n" not in script and "--app-name basic-auth" in script
+    for key in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        assert ":?" in server["environment"][key]  # compose refuses to start without it
+    config_path = server["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    write = next(part for part in script.split("&&") if "printf" in part).replace(config_path, str(tmp_path / "a.ini"))
+    subprocess.run(["sh", "-c", write], check=True)
+    parsed = configparser.ConfigParser()
+    parsed.read(tmp_path / "a.ini")
+    assert parsed["mlflow"]["admin_username"] == "admin" and "admin_password" not in parsed["mlflow"]
+    assert parsed["mlflow"]["database_uri"].startswith("sqlite:////auth/")  # in the compose file's volume
