@@ -151,3 +151,57 @@ def test_an_artifact_store_the_server_cannot_write_stops_the_sweep_before_any_wo
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_node_lost_under_a_running_trial_moves_it_to_another_from_its_checkpoint(tmp_path):
+    """A three-node `ray.cluster_utils.Cluster` (a head without CPUs, two one-CPU workers and a spare): the
+    worker under a running trial is removed; the trial continues on the spare from its last checkpoint and
+    ends FINISHED with one MLflow run and one results row, having redone at most one report interval."""
+    import pandas as pd
+    from ray.cluster_utils import Cluster
+
+    from tests.test_platform_sweep import trial_results, wait_for
+
+    report_every = 20
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    server = tracking.TrackingServer(tmp_path / "mlflow").start()
+    try:
+        spec = write_spec(tmp_path, "lost", prompts=["a red ball"], iterations=200, report_every=report_every,
+                          search={"space": {"sds.guidance_scale": {"grid": [7.5, 20]}}})
+        workspace = tmp_path / "ws"
+        driver = subprocess.Popen(sweep_command(spec, workspace, "--address", cluster.address, "--tracking-uri",
+                                                server.uri), stdout=subprocess.DEVNULL,
+                                  stderr=open(tmp_path / "driver.log", "w"), start_new_session=True)
+        try:
+            report = wait_for(lambda: next((r for r in trial_results(workspace, "lost")
+                                            if r["step"] >= 2 * report_every and not r.get("final")), None),
+                              600, "a trial two reports in")
+            spare = cluster.add_node(num_cpus=1)
+            lost = next(node for node in workers if node.node_id == report["node_id"])
+            cluster.remove_node(lost)
+            assert driver.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, 9)
+        table = pd.read_parquet(workspace / "sweeps" / "lost" / "results.parquet")
+        assert len(table) == 2 and set(table["status"]) == {"FINISHED"} and (table["step"] == 200).all()
+        client = tracking.client(server.uri)
+        experiment = client.get_experiment_by_name("lost")
+        children = tracking.child_runs(server.uri, experiment.experiment_id,
+                                       json.loads((workspace / "sweeps" / "lost" / "sweep.json").read_text())
+                                       ["parent_run_id"])
+        assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+        moved = next(c for c in children if c.info.run_id == report["mlflow_run_id"])
+        assert moved.data.tags["dreamfusion.attempts"] == "2"
+        assert moved.data.tags["dreamfusion.node_id"] == spare.node_id
+        # It resumed from the last step the lost node reported: fewer than one report interval was redone,
+        # and each step is in the run once (steps are sent with the report that checkpoints them).
+        before = [r["step"] for r in trial_results(workspace, "lost")
+                  if r["mlflow_run_id"] == moved.info.run_id and r["node_id"] == lost.node_id]
+        assert int(moved.data.tags["dreamfusion.resumed_from_step"]) == max(before) >= 2 * report_every
+        steps = [m.step for m in client.get_metric_history(moved.info.run_id, "loss")]
+        assert sorted(steps) == list(range(1, 201))
+    finally:
+        server.stop()
+        cluster.shutdown()
