@@ -12,8 +12,9 @@ case runs in its own process, so its peak memory (RSS on a CPU, allocated memory
 A trial's start-up, from process start to its first SDS step, is timed with full-size Stable Diffusion
 2.1-base (text tower, UNet and VAE of the published architectures, random weights, saved in the diffusers
 layout): cold and warm text cache, with diffusers' low-memory loading (``accelerate``: the model is built
-on the meta device and its weights loaded once) and without it (built with random weights, then
-overwritten: twice the memory for a moment). IF-I-XL is left out: its UNet's published configuration is
+on the meta device and its weights loaded once) and without it (``low_cpu_mem_usage=False``: with diffusers
+0.42 the model is still built uninitialised and its weights mapped, so the two measure the same on
+2026-12-04). IF-I-XL is left out: its UNet's published configuration is
 not in the repository (nothing is downloaded) and its 4.3 B parameters in float32 would not fit twice in
 24 GiB.
 
@@ -101,7 +102,7 @@ def run_startup_case(model: str, cache: str, low_memory: bool) -> dict[str, Any]
     or the encoder), the UNet and VAE loaded, the field built, one step."""
     import psutil
 
-    if not low_memory:  # diffusers' loading as without accelerate: random init, then the weights on top
+    if not low_memory:  # diffusers' loading as without accelerate (low_cpu_mem_usage=False)
         from diffusers import ModelMixin
 
         load = ModelMixin.from_pretrained.__func__
