@@ -113,7 +113,9 @@ def test_servers_bind_to_loopback_unless_asked(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_against_a_tracking_server_that_refuses_it_is_one_line_and_nothing_written(tmp_path):
     """MLflow's basic-auth app in front of the store: a wrong password, no login at all and a server that
-    does not answer each end the sweep before any work with one line naming the fix, exit code 2."""
+    does not answer each end the sweep before any work with one line naming the fix, exit code 2; with the
+    right login the sweep runs, a client without it is refused, and the password is in no param, tag,
+    artifact, console line or workspace file."""
     import os
     import subprocess
     import sys
@@ -160,6 +162,37 @@ def test_a_sweep_against_a_tracking_server_that_refuses_it_is_one_line_and_nothi
             assert "MLFLOW_TRACKING_PASSWORD" in lines[0] or "--tracking-uri" in lines[0]
             assert "wrong" not in done.stderr and password not in done.stderr
             assert not workspace.exists()
+
+        # With the right login the sweep runs, and the password is nowhere it wrote.
+        one = write_spec(tmp_path, "signed-in", prompts=["a red ball"], search={"space": {}})
+        workspace = tmp_path / "ws-signed-in"
+        login = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        done = subprocess.run(sweep_command(one, workspace, "--tracking-uri", uri), capture_output=True,
+                              text=True, timeout=600, env={**base_env, **login})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert password not in done.stdout + done.stderr
+        assert not [p for p in workspace.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+        import mlflow.exceptions
+
+        with pytest.MonkeyPatch.context() as patch:  # a client without the login is refused
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                patch.delenv(key, raising=False)
+            patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            with pytest.raises(mlflow.exceptions.MlflowException, match="401|Unauthorized|credentials"):
+                tracking.client(uri).search_experiments()
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in login.items():
+                patch.setenv(key, value)
+            client = tracking.client(uri)
+            experiment = client.get_experiment_by_name("signed-in")
+            runs = client.search_runs([experiment.experiment_id])
+            assert len(runs) == 2  # the parent and its trial
+            for run in runs:
+                written = [*run.data.params.values(), *run.data.tags.values()]
+                assert not [value for value in written if password in value]
+                download = tmp_path / "download" / run.info.run_id
+                client.download_artifacts(run.info.run_id, "", str(download))
+                assert not [p for p in download.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
     finally:
         server.terminate()
         server.wait(timeout=30)
