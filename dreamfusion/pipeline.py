@@ -92,6 +92,16 @@ def export_cost_note(config: Config, samples_per_second: float, device: torch.de
             f"here); for a smaller one: " + " ".join(f"--set {item}" for item in SMALLER_EXPORT))
 
 
+def warn_export_cost(trainer: Trainer, who: str = "") -> None:
+    """``export_cost_note`` for ``trainer``, logged once at start; the field's speed is measured on a CPU
+    only, where the note can apply."""
+    if trainer.device.type != "cpu":
+        return
+    note = export_cost_note(trainer.config, field_samples_per_second(trainer.field, trainer.device), trainer.device)
+    if note:
+        log.warning("%s%s", who, note)
+
+
 def prepare_output_dir(out: Path) -> Path:
     """Check that ``out`` can receive a run before any work starts."""
     out = Path(out)
@@ -264,9 +274,7 @@ def run_prompt(
     text_cache = TextEmbeddingCache(cache_dir or default_cache_dir())
     judge = make_judge(config, resolve_device(config.device), text_cache)
     trainer = Trainer(config, callbacks=callbacks, cache_dir=cache_dir, text_cache=text_cache)
-    note = export_cost_note(config, field_samples_per_second(trainer.field, trainer.device), trainer.device)
-    if note:
-        log.warning(note)
+    warn_export_cost(trainer)
     trainer.train()
     return finish_run(trainer, out, time.perf_counter() - started, judge, rank_prompts)
 

@@ -160,8 +160,9 @@ def check_server(uri: str) -> None:
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
+    credentials = get_default_host_creds(uri)
     try:
-        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
+        response = http_request(credentials, "/api/2.0/mlflow/experiments/search", "POST",
                                 max_retries=0, timeout=15, raise_on_status=False, json={"max_results": 1})
     except Exception as exc:  # noqa: BLE001 - any transport failure means the same to the user
         raise UserInputError(f"cannot reach the tracking server {uri} ({str(exc).splitlines()[0][:160]}); "
@@ -174,13 +175,15 @@ def check_server(uri: str) -> None:
     if response.status_code != 200:
         raise UserInputError(f"the tracking server {uri} answered HTTP {response.status_code} to a search; "
                              "check that --tracking-uri is an MLflow server")
-    _check_artifact_store(uri, get_default_host_creds(uri), http_request)
+    _check_artifact_store(uri, credentials)
 
 
-def _check_artifact_store(uri: str, credentials, http_request) -> None:
+def _check_artifact_store(uri: str, credentials) -> None:
     """A probe file put through the server's artifact proxy and deleted: a bucket that does not exist or a
     server without credentials for it fails here, not in the first trial's upload. Where the server does
     not proxy artifacts (HTTP 503) or the login may not write outside runs (401/403), nothing is checked."""
+    from mlflow.utils.rest_utils import http_request
+
     probe = f"/api/2.0/mlflow-artifacts/artifacts/.dreamfusion-check/{uuid.uuid4().hex}"
     try:
         response = http_request(credentials, probe, "PUT", max_retries=0, timeout=60, raise_on_status=False,

@@ -26,11 +26,10 @@ from dreamfusion.pipeline import (
     CHECKPOINT,
     SUMMARY,
     compute_metrics,
-    export_cost_note,
-    field_samples_per_second,
     finish_run,
     make_judge,
     mesh_if_any,
+    warn_export_cost,
 )
 from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion.trainer import CheckpointError, Trainer, TrainerCallback
@@ -158,9 +157,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     chunk = ChunkMetrics()
     text_cache = TextEmbeddingCache(Path(context.cache_dir))
     trainer = Trainer(config, callbacks=[chunk, PhaseTag(tracked)], text_cache=text_cache)
-    note = export_cost_note(config, field_samples_per_second(trainer.field, trainer.device), trainer.device)
-    if note:
-        log.warning("trial %s ('%s'): %s", key[:8], config.prompt[:40], note)
+    warn_export_cost(trainer, f"trial {key[:8]} ('{config.prompt[:40]}'): ")
     judge = make_judge(config, trainer.device, text_cache)
     rank_prompts = spec.rank_prompts(config.prompt) if judge is not None else None
     checkpoint = tune.get_checkpoint()
