@@ -8,6 +8,7 @@ memory is its own: ``torch.cuda.max_memory_allocated`` on a GPU, the process's p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 import statistics
@@ -35,11 +36,13 @@ TEXT_TOKENS = 77
 
 
 def settings(device: torch.device) -> list[dict[str, str]]:
-    """fp16 needs a GPU; on a CPU only activation checkpointing is compared."""
+    """fp16 needs a GPU; on a CPU only activation checkpointing is compared. On a GPU torch's checkpointing
+    and DeepSpeed's (where installed: what ``auto`` takes there) are measured side by side."""
     if device.type == "cuda":
+        checkpointers = ["torch", "deepspeed"] if importlib.util.find_spec("deepspeed") else ["torch"]
         return [{"dtype": "fp32", "checkpointing": "off", "autocast": "off"},
                 {"dtype": "fp16", "checkpointing": "off", "autocast": "off"},
-                {"dtype": "fp16", "checkpointing": "auto", "autocast": "bf16"}]
+                *({"dtype": "fp16", "checkpointing": mode, "autocast": "bf16"} for mode in checkpointers)]
     return [{"dtype": "fp32", "checkpointing": "off", "autocast": "off"},
             {"dtype": "fp32", "checkpointing": "auto", "autocast": "off"}]
 

@@ -10,6 +10,10 @@
 # Logs and benchmark tables go to OUT (default gpu-check/). The quality benchmark gets whatever is left
 # of SECONDS (default 1800) and writes its table after every run, so a cut-off run still leaves a table.
 # QUALITY_PROMPTS (';'-separated) chooses its prompts; default: all ten, without the ablations.
+# QUALITY_SET (space-separated KEY=VALUE) sets config keys for it; default: refine.iterations=100, so
+# its table holds stage 1 alone and with refinement side by side.
+# GPU_CHECK_STEPS (space-separated) runs a subset: tests kernels speed guidance text quality (default: all),
+# for a lease too short for all of them.
 set -uo pipefail
 out=${1:-gpu-check}
 budget=${2:-1800}
@@ -21,6 +25,7 @@ failed=()
 step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, its output in OUT/NAME.log
     local name=$1 limit=$2
     shift 2
+    [[ " ${GPU_CHECK_STEPS:-tests kernels speed guidance text quality} " == *" $name "* ]] || return 0
     echo "== $name (at most ${limit} s)"
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
@@ -41,8 +46,10 @@ else
 fi
 left=$((budget - SECONDS))
 if [ "$left" -gt 30 ]; then
+    quality_set=()
+    for pair in ${QUALITY_SET-refine.iterations=100}; do quality_set+=(--set "$pair"); done
     step quality "$left" python3 -m dreamfusion.cli bench quality --out "$out" --no-ablations \
-        ${QUALITY_PROMPTS:+--prompts "$QUALITY_PROMPTS"}
+        ${QUALITY_PROMPTS:+--prompts "$QUALITY_PROMPTS"} "${quality_set[@]}"
 else
     failed+=("quality (no time left of ${budget} s)")
 fi
