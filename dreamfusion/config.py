@@ -238,7 +238,7 @@ class GuidanceConfig:
     # posterior at infinite noise) instead of its posterior at the sampled t: see SyntheticGuidance.
     prior_mean_warmup_fraction: float = 0.0
     dtype: str = "auto"  # the diffusion network's precision: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
-    checkpointing: str = "auto"  # activation checkpointing: auto (DeepSpeed if installed, else torch), off
+    checkpointing: str = "auto"  # activation checkpointing of the VAE encoder: auto (torch), torch, deepspeed, off
     latent_fraction: float = 0.0  # stable-diffusion: first fraction of steps renders latent colour directly
     compile: bool = False  # torch.compile the diffusion network
 

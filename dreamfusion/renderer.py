@@ -49,8 +49,8 @@ class RenderOutput:
 
 
 # What exports and metrics render with: ``(cameras, resolution, shadings) -> [RenderOutput per shading]``,
-# without gradients: a field marched (``export.field_views``) or the run's result (``Trainer.render_views``,
-# its refined mesh once stage 2 has begun).
+# without gradients, on the CPU whatever device rendered them: a field marched (``export.field_views``) or
+# the run's result (``Trainer.render_views``, its refined mesh once stage 2 has begun).
 ViewRenderer = Callable[[CameraBatch, int, tuple[Shading, ...]], list[RenderOutput]]
 
 
@@ -372,10 +372,10 @@ def render_batched_shadings(
             part = cameras.slice(start, start + per_camera)
             parts.append(render_shadings(field, part, resolution, samples_per_ray, shadings, occupancy,
                                          deferred=deferred))
-    return [_concatenated([chunk[index] for chunk in parts]) for index in range(len(shadings))]
+    return [concatenated_on_cpu([chunk[index] for chunk in parts]) for index in range(len(shadings))]
 
 
-def _concatenated(parts: list[RenderOutput]) -> RenderOutput:
+def concatenated_on_cpu(parts: list[RenderOutput]) -> RenderOutput:
     normals = [p.normals for p in parts]
     # Inference results feed exports and metrics on the CPU, whatever device rendered them.
     return RenderOutput(

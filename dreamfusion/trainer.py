@@ -29,7 +29,15 @@ from dreamfusion.guidance import Guidance, make_guidance
 from dreamfusion.memory import out_of_memory_message
 from dreamfusion.rasterizer import resolve_visibility
 from dreamfusion.refine import EmptySceneError, MeshRefiner, render_mesh
-from dreamfusion.renderer import SHADING_MODES, OccupancyGrid, RenderOutput, Shading, render, render_batched_shadings
+from dreamfusion.renderer import (
+    SHADING_MODES,
+    OccupancyGrid,
+    RenderOutput,
+    Shading,
+    concatenated_on_cpu,
+    render,
+    render_batched_shadings,
+)
 from dreamfusion.sds import sds_loss
 from dreamfusion.text_cache import TextEmbeddingCache
 from triton_kernels import BackendUnavailable
@@ -315,8 +323,8 @@ class Trainer:
         before (marched with its occupancy grid, shaded once per pixel)."""
         with torch.no_grad():
             if self.refiner is not None:
-                return render_mesh(self.field, self.refiner.mesh(), cameras, resolution, shadings,
-                                   self.config.refine.visibility)
+                return [concatenated_on_cpu([output]) for output in render_mesh(
+                    self.field, self.refiner.mesh(), cameras, resolution, shadings, self.config.refine.visibility)]
             return render_batched_shadings(self.field, cameras, resolution, samples_per_ray, shadings,
                                            self.occupancy, deferred=True)
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dreamfusion.pipeline import finish_run, load_run
+from dreamfusion.pipeline import compute_metrics, finish_run, load_run, mesh_if_any
 from dreamfusion.trainer import Trainer
 from tests.conftest import tiny_config
 from triton_kernels import resolve
@@ -24,9 +24,11 @@ CUDA = torch.device("cuda")
 LAMBERTIAN = ["render.shading_ratios=0,1,0", "render.albedo_warmup_fraction=0"]
 
 
-def test_whole_run_on_the_gpu_exports_and_reloads(tmp_path):
+@pytest.mark.parametrize("refine", [[], ["refine.iterations=3", "refine.resolution=16", "refine.grid_resolution=24"]],
+                         ids=["stage-1", "refined"])
+def test_whole_run_on_the_gpu_exports_and_reloads(tmp_path, refine):
     assert resolve("auto", CUDA) == "triton"
-    trainer = Trainer(tiny_config(iterations=30, extra=["device=cuda"]))
+    trainer = Trainer(tiny_config(iterations=30, extra=["device=cuda", *refine]))
     assert all(p.is_cuda for p in trainer.field.parameters())
     trainer.train()
     summary = finish_run(trainer, tmp_path / "run", wall_seconds=0.0)
@@ -83,3 +85,6 @@ def test_refinement_on_the_gpu_uses_the_torch_zbuffer_and_matches_embree():
     on_gpu = zbuffer(mesh.vertices.detach(), mesh.faces, cameras, 64).cpu()
     on_cpu = embree_visibility(mesh.vertices.detach().cpu(), mesh.faces.cpu(), cameras, 64)
     assert (on_gpu == on_cpu).float().mean() > 0.995
+    # The refined run's metrics on the GPU: its renders reach the CPU's ground truth and geometry code.
+    metrics = compute_metrics(trainer, mesh=mesh_if_any(trainer))
+    assert 0.0 <= metrics["silhouette_iou"] <= 1.0 and metrics["chamfer"] > 0

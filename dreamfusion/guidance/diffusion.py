@@ -236,7 +236,7 @@ class StableDiffusionGuidance(DiffusersGuidance):
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.image_size = int(self.vae.config.sample_size)
         self.latent_size = self.image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.checkpoint = checkpointer(config.guidance.checkpointing, self.device)
+        self.checkpoint = checkpointer(config.guidance.checkpointing)
 
     def to(self, device: torch.device) -> StableDiffusionGuidance:
         if device != self.device:
