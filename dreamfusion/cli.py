@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +110,22 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class ExtraBenchmark:
+    """A ``dreamfusion bench`` kind that lives outside the library (the platform's ``tracking``)."""
+
+    name: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from dreamfusion import benchmarks
 
     started = time.perf_counter()
-    if args.which == "speed":
+    if args.which in args.extra_benchmarks:
+        args.extra_benchmarks[args.which](args)
+    elif args.which == "speed":
         benchmarks.speed(Path(args.out), repeats=args.repeats)
     elif args.which == "kernels":
         benchmarks.kernels(Path(args.out), repeats=args.repeats)
@@ -180,8 +192,10 @@ def best_per_prompt(runs: list[Path], metric: str) -> list[Path]:
     return [run for _, run in best.values()]
 
 
-def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.ArgumentParser:
-    """The command line; each of ``extensions`` adds subcommands (the platform's sweep and ui)."""
+def build_parser(extensions: Sequence[Callable[[Any], None]] = (), benchmarks: Sequence[ExtraBenchmark] = ()
+                 ) -> argparse.ArgumentParser:
+    """The command line; each of ``extensions`` adds subcommands (the platform's sweep and ui), each of
+    ``benchmarks`` a kind of ``dreamfusion bench``."""
     parser = argparse.ArgumentParser(prog="dreamfusion", description="Text-to-3D by Score Distillation Sampling")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,7 +222,8 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.A
 
     bench = sub.add_parser("bench", help="speed, kernels, guidance, text (embedding cache and CLIP judge), export "
                                          "(mesh cost and fidelity) or quality benchmark; writes JSON and Markdown")
-    bench.add_argument("which", choices=("speed", "quality", "kernels", "guidance", "text", "export"))
+    bench.add_argument("which", choices=("speed", "quality", "kernels", "guidance", "text", "export",
+                                         *(extra.name for extra in benchmarks)))
     bench.add_argument("--out", default="docs/benchmarks", help="directory for the results")
     bench.add_argument("--repeats", type=int, default=7, help="timed repeats per case (speed, kernels, guidance, text)")
     bench.add_argument("--prompts", help="';'-separated subset of prompts (quality)")
@@ -217,7 +232,9 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.A
     bench.add_argument("--ablation-prompts", help="';'-separated objects to ablate (default: all with a front)")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="config override for every run, repeatable (quality)")
-    bench.set_defaults(func=_cmd_bench)
+    for extra in benchmarks:
+        extra.add_arguments(bench)
+    bench.set_defaults(func=_cmd_bench, extra_benchmarks={extra.name: extra.run for extra in benchmarks})
 
     gallery = sub.add_parser("gallery", help="a PNG of finished runs' previews, a row per run (colour, then "
                                              "textureless), labelled with the prompt")
@@ -231,8 +248,9 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = ()) -> argparse.A
     return parser
 
 
-def main(argv: list[str] | None = None, extensions: Sequence[Callable[[Any], None]] = ()) -> int:
-    parser = build_parser(extensions)
+def main(argv: list[str] | None = None, extensions: Sequence[Callable[[Any], None]] = (),
+         benchmarks: Sequence[ExtraBenchmark] = ()) -> int:
+    parser = build_parser(extensions, benchmarks)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

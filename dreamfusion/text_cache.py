@@ -4,7 +4,8 @@ A text encoder gives the same answer for the same text, and it is the heaviest p
 start-up (T5-XXL, 4.7 B parameters, for DeepFloyd IF). Each entry is keyed by a hash of the model's
 identity (the bytes of its tokenizer and text-encoder files, or a hub id and the commit the hub cache
 holds), of what is computed from it (``kind``) and of the exact text. A sweep fills the cache once on
-its driver, under the workspace, so every node reads it; ``dreamfusion run`` uses ``$DREAMFUSION_CACHE``.
+its driver, under the workspace, so every node reads it (from a bucket workspace through a ``CacheMirror``);
+``dreamfusion run`` uses ``$DREAMFUSION_CACHE``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,9 +71,19 @@ def _hub_snapshot(model: str, subfolder: str) -> Path | None:
     return Path(found).parent.parent if subfolder else Path(found).parent
 
 
+class CacheMirror(Protocol):
+    """A second home of the cache's entries (a sweep's object-storage workspace): entries missing here are
+    fetched from it, entries computed here are stored in it. ``relative`` is the entry's path in the cache."""
+
+    def fetch(self, relative: str, destination: Path) -> bool: ...
+
+    def store(self, relative: str, source: Path) -> None: ...
+
+
 class TextEmbeddingCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, mirror: CacheMirror | None = None) -> None:
         self.root = Path(root) / "text-embeddings"
+        self.mirror = mirror
 
     def model_identity(self, model: str, subfolders: Sequence[str]) -> str | None:
         """What the cached values depend on: every file of ``subfolders`` (``""``: the model's root) of a
@@ -100,6 +112,8 @@ class TextEmbeddingCache:
             return found
         for text in dict.fromkeys(texts):
             path = self._path(identity, kind, text)
+            if not path.is_file() and self.mirror is not None:
+                self.mirror.fetch(self._relative(path), path)
             if path.is_file():
                 try:
                     found[text] = load_file(path)["value"]
@@ -110,11 +124,17 @@ class TextEmbeddingCache:
     def put(self, identity: str, kind: str, values: dict[str, torch.Tensor]) -> None:
         for text, value in values.items():
             tensor = value.detach().to("cpu", torch.float32).contiguous()
+            path = self._path(identity, kind, text)
             try:
-                _write_atomic(self._path(identity, kind, text), lambda name, t=tensor: save_file({"value": t}, name))
+                _write_atomic(path, lambda name, t=tensor: save_file({"value": t}, name))
             except OSError as exc:  # a read-only cache still runs, only slower next time
                 log.warning("could not cache text embeddings in %s (%s)", self.root, exc)
                 return
+            if self.mirror is not None:
+                self.mirror.store(self._relative(path), path)
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.root.parent).as_posix()
 
     def lookup(self, model: str, subfolders: Sequence[str], kind: str, texts: Sequence[str],
                compute: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

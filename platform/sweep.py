@@ -1,22 +1,15 @@
-"""The sweep driver: a spec → Ray Tune trials → MLflow runs → a results table.
-
-Workspace layout (``--workspace``)::
-
-    mlflow/        mlflow.db (sqlite store), artifacts/, server.log
-    ray/NAME/      Ray Tune's experiment state and trial checkpoints (storage_path)
-    sweeps/NAME/   sweep.json (parent run, experiment, dashboard view), spec.yaml, results.parquet
-    cache/         text embeddings (guidance and CLIP), computed once by the driver, read by every trial
-"""
+"""The sweep driver: a spec → Ray Tune trials → MLflow runs → a results table. Where it keeps its state:
+``dreamfusion_platform.workspace``."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
 import os
 import pickle
-import shutil
 import sys
 import tempfile
 import time
@@ -45,40 +38,11 @@ from dreamfusion_platform.spec import (
     load_spec,
 )
 from dreamfusion_platform.trial import TrialContext, run_trial
+from dreamfusion_platform.workspace import RESULTS, SPEC, STATE, Workspace
 
 log = logging.getLogger(__name__)
 
-STATE = "sweep.json"
 CLIP_SHOWN = ("clip_score", "clip_r_precision", "clip_r_precision_textureless")
-RESULTS = "results.parquet"
-
-
-class Workspace:
-    def __init__(self, root: Path, sweep: str) -> None:
-        self.root = Path(root).resolve()
-        self.mlflow = self.root / "mlflow"
-        self.ray = self.root / "ray"
-        self.sweep = self.root / "sweeps" / sweep
-        self.cache = self.root / "cache"
-        self.state = self.sweep / STATE
-        self.results = self.sweep / RESULTS
-
-    def check_writable(self) -> None:
-        created = [p for p in [self.root, *self.root.parents] if not p.exists()]
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.root):
-                pass
-        except OSError as exc:
-            raise UserInputError(f"cannot write to --workspace {self.root} ({exc.strerror}); "
-                                 "choose a writable directory") from None
-        finally:
-            for path in created:
-                if path.exists() and not any(path.iterdir()):
-                    path.rmdir()
-
-    def mlflow_uri_hint(self) -> str:
-        return f"sqlite:///{self.mlflow / 'mlflow.db'}"
 
 
 def trial_count(spec: SweepSpec) -> int:
@@ -170,6 +134,7 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
             param_space[CANDIDATE] = tune.grid_search(list(spec.candidates))
         search_alg = BasicVariantGenerator(random_state=0)
         num_samples = spec.samples_per_prompt
+    storage_path, storage_filesystem = workspace.tune_storage()
     reports = math.ceil((spec.iterations + spec.most_refine_iterations) / spec.report_every)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler_metric,
                                mode=spec.scheduler_mode, max_t=reports, grace_period=spec.grace_period,
@@ -183,7 +148,8 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
                                     # Prompts never reach a path: trial folders are named by id only.
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=str(workspace.ray), verbose=2 if verbose else 0, callbacks=[progress],
+            name=spec.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+            verbose=2 if verbose else 0, callbacks=[progress],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
@@ -191,6 +157,27 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
 
 
 STALL_SECONDS = 30.0
+# Trials reporting at once that the sqlite store a sweep starts by itself kept up with (every report sent,
+# none lost, p99 under a second) in `dreamfusion bench tracking` on 2 CPU cores (docs/benchmarks/tracking.md).
+SQLITE_HOLDS = 32
+
+
+def concurrent_trials(spec: SweepSpec, total: int, resources: dict[str, float]) -> int:
+    """How many trials can run at once: the spec's cap, the cluster's CPUs and GPUs, the trials there are."""
+    bounds = [total, *([spec.max_concurrent_trials] if spec.max_concurrent_trials else [])]
+    bounds += [int(resources.get(name, 0) // need) for name, need in (("CPU", spec.cpus), ("GPU", spec.gpus)) if need]
+    return max(1, min(bounds))
+
+
+def sqlite_load_warning(spec: SweepSpec, total: int, resources: dict[str, float]) -> str | None:
+    """A warning when more trials may report at once than the sweep's own sqlite store kept up with."""
+    running = concurrent_trials(spec, total, resources)
+    if running <= SQLITE_HOLDS:
+        return None
+    return (f"warning: up to {running} trials may report at once to this sweep's own MLflow store (sqlite), which "
+            f"kept up with {SQLITE_HOLDS} in `dreamfusion bench tracking` (docs/benchmarks/tracking.md); past that "
+            "reports wait and slow the trials. Pass --tracking-uri of a server on PostgreSQL "
+            "(infra/mlflow/docker-compose.yaml), or set max_concurrent_trials in the spec")
 
 
 class SweepProgress(tune.Callback):
@@ -346,8 +333,8 @@ def warm_cache(spec: SweepSpec, workspace: Workspace) -> None:
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     texts = warm_text_cache(spec.base_config(), spec.prompts, spec.rank_prompts(spec.prompts[0]),
-                            TextEmbeddingCache(workspace.cache), device)
-    print(f"[sweep {spec.name}] text embeddings of {texts} texts ready in {workspace.cache} "
+                            TextEmbeddingCache(workspace.cache, workspace.cache_mirror()), device)
+    print(f"[sweep {spec.name}] text embeddings of {texts} texts ready in {workspace.where('cache')} "
           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
@@ -371,11 +358,12 @@ def log_sweep_means(mlflow_client, parent_run_id: str, table) -> None:
             mlflow_client.log_metric(parent_run_id, f"mean_{metric}", float(finished[metric].mean()))
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _log_file(mlflow_client, run_id: str, name: str, data: bytes) -> None:
+    """``data`` as the run's artifact ``name`` (MLflow uploads files: the workspace may be a bucket)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / name
+        path.write_bytes(data)
+        mlflow_client.log_artifact(run_id, str(path))
 
 
 def close_child_runs(uri: str, experiment_id: str, parent_run_id: str, table) -> None:
@@ -432,7 +420,7 @@ def quiet_ray(verbose: bool):
             os.environ["RAY_AIR_NEW_OUTPUT"] = saved
 
 
-def run_sweep(spec_path: Path, workspace: Path, resume: bool = False, address: str | None = None,
+def run_sweep(spec_path: Path, workspace: str | Path, resume: bool = False, address: str | None = None,
               tracking_uri: str | None = None, verbose: bool = False):
     """Run (or resume) a sweep; returns its results table (a pandas DataFrame). ``verbose`` lets Ray and
     Tune print their own output as well."""
@@ -443,23 +431,29 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False, address: s
         tracking.check_server(tracking_uri)
     ws = Workspace(workspace, spec.name)
     ws.check_writable()
-    if resume and not ws.state.exists():
-        raise UserInputError(f"there is no sweep '{spec.name}' in {ws.root} to resume; run it without --resume")
-    if not resume and ws.state.exists():
-        raise UserInputError(f"sweep '{spec.name}' already exists in {ws.root}; pass --resume to continue it, "
+    state = ws.state()
+    if resume and state is None:
+        raise UserInputError(f"there is no sweep '{spec.name}' in {ws.location} to resume; run it without --resume")
+    if not resume and state is not None:
+        raise UserInputError(f"sweep '{spec.name}' already exists in {ws.location}; pass --resume to continue it, "
                              "or change the spec's name")
+    spec_bytes = Path(spec_path).read_bytes()
+    started_with = ws.read_bytes(f"{ws.sweep_folder}/{SPEC}")
+    if resume and started_with is not None and started_with != spec_bytes:
+        raise UserInputError(f"{spec_path} differs from the spec sweep '{spec.name}' started with "
+                             f"({ws.where(ws.sweep_folder, SPEC)}); resume with that file, or start a new sweep under "
+                             "another name")
+    if resume and state.get("tracking_uri_given") and not tracking_uri:
+        tracking_uri = state["tracking_uri_given"]
+        tracking.check_server(tracking_uri)
+    if ws.remote and not tracking_uri:
+        raise UserInputError(f"--workspace {ws.location} holds no MLflow store (its sqlite file needs a "
+                             "filesystem): pass --tracking-uri, a tracking server every node can reach")
     if address and not tracking_uri:
         log.warning("--address without --tracking-uri: trials on other nodes cannot reach the MLflow server "
                     "this driver starts on 127.0.0.1; pass a --tracking-uri every node can reach")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    state = json.loads(ws.state.read_text()) if resume else {}
-    started_with = ws.sweep / "spec.yaml"
-    if resume and started_with.exists() and started_with.read_bytes() != Path(spec_path).read_bytes():
-        raise UserInputError(f"{spec_path} differs from the spec sweep '{spec.name}' started with ({started_with}); "
-                             "resume with that file, or start a new sweep under another name")
-    if resume and state.get("tracking_uri_given") and not tracking_uri:
-        tracking_uri = state["tracking_uri_given"]
-        tracking.check_server(tracking_uri)
+    state = state or {}
 
     total = trial_count(spec)
     warm_cache(spec, ws)
@@ -476,12 +470,11 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False, address: s
         if not resume:
             view_key = tracking.share_trials_view(uri, experiment_id, parent_run_id, dashboard_columns(spec),
                                                   spec.metric, spec.mode)
-            ws.sweep.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(spec_path, ws.sweep / "spec.yaml")
-            tracking.client(uri).log_artifact(parent_run_id, str(ws.sweep / "spec.yaml"))
-            _write_atomic(ws.state, lambda p: p.write_text(json.dumps(
+            ws.write_bytes(f"{ws.sweep_folder}/{SPEC}", spec_bytes)
+            _log_file(tracking.client(uri), parent_run_id, SPEC, spec_bytes)
+            ws.write_bytes(f"{ws.sweep_folder}/{STATE}", json.dumps(
                 {"name": spec.name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-                 "tracking_uri_given": tracking_uri, "trials": total, "view_key": view_key}, indent=2)))
+                 "tracking_uri_given": tracking_uri, "trials": total, "view_key": view_key}, indent=2).encode())
         prompts = f"{len(spec.prompts)} prompt" + ("s" if len(spec.prompts) != 1 else "")
         print(f"[sweep {spec.name}] {total} trials ({prompts}); MLflow experiment '{spec.name}', parent run "
               f"{parent_run_id}", file=sys.stderr, flush=True)
@@ -492,19 +485,24 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False, address: s
                  logging_level=logging.INFO if verbose else logging.ERROR, configure_logging=True,
                  log_to_driver=verbose, ignore_reinit_error=True)
         stack.callback(ray.shutdown)
-        context = TrialContext(spec, uri, experiment_id, parent_run_id, str(ws.cache))
-        experiment_path = ws.ray / spec.name
-        if resume and tune.Tuner.can_restore(str(experiment_path)):
-            tuner = tune.Tuner.restore(str(experiment_path), _trainable(spec, context), resume_unfinished=True,
-                                       resume_errored=True)
+        if not tracking_uri and (warning := sqlite_load_warning(spec, total, ray.cluster_resources())):
+            print(f"[sweep {spec.name}] {warning}", file=sys.stderr, flush=True)
+        context = TrialContext(spec, uri, experiment_id, parent_run_id, str(ws.cache), ws.cache_mirror())
+        storage_path, storage_filesystem = ws.tune_storage()
+        experiment_path = f"{storage_path}/{spec.name}"
+        if resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_filesystem):
+            tuner = tune.Tuner.restore(experiment_path, _trainable(spec, context), resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=storage_filesystem)
         else:
             tuner = build_tuner(spec, ws, context, SweepProgress(spec, total), verbose)
         result_grid = tuner.fit()
 
         table = results_table(result_grid, spec)
-        _write_atomic(ws.results, lambda p: table.to_parquet(p, index=False))
+        results = io.BytesIO()
+        table.to_parquet(results, index=False)
+        ws.write_bytes(f"{ws.sweep_folder}/{RESULTS}", results.getvalue())
         mlflow_client = tracking.client(uri)
-        mlflow_client.log_artifact(parent_run_id, str(ws.results))
+        _log_file(mlflow_client, parent_run_id, RESULTS, results.getvalue())
         mlflow_client.log_table(parent_run_id, table.astype({c: "string" for c in ("error",) if c in table}),
                                 "results.json")
         close_child_runs(uri, experiment_id, parent_run_id, table)
@@ -514,13 +512,10 @@ def run_sweep(spec_path: Path, workspace: Path, resume: bool = False, address: s
     return table
 
 
-def dashboard_links(workspace: Path, base: str) -> list[tuple[str, str]]:
+def dashboard_links(workspace: str | Path, base: str) -> list[tuple[str, str]]:
     """``(sweep name, URL)`` of every sweep in ``workspace``: the dashboard opened on its trials."""
-    links = []
-    for state_path in sorted((Path(workspace) / "sweeps").glob(f"*/{STATE}")):
-        state = json.loads(state_path.read_text())
-        links.append((state["name"], tracking.dashboard_url(base, state["experiment_id"], state.get("view_key"))))
-    return links
+    return [(state["name"], tracking.dashboard_url(base, state["experiment_id"], state.get("view_key")))
+            for state in Workspace(workspace, "").sweep_states()]
 
 
 def configuration_columns(table) -> list[str]:

@@ -48,10 +48,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class TrackingServer:
-    """``mlflow server`` over a sqlite store and an artifact folder, serving artifacts over HTTP."""
+    """``mlflow server`` over a sqlite store and an artifact folder, serving artifacts over HTTP.
+    ``backend_store_uri`` puts the runs elsewhere (PostgreSQL, for ``dreamfusion bench tracking``)."""
 
-    def __init__(self, store: Path, host: str = "127.0.0.1", port: int | None = None, jobs: bool = False) -> None:
+    def __init__(self, store: Path, host: str = "127.0.0.1", port: int | None = None, jobs: bool = False,
+                 backend_store_uri: str | None = None) -> None:
         self.store = Path(store)
+        self.backend_store_uri = backend_store_uri
         self.host = host
         self.port = port or free_port(host)
         # MLflow 3's job runner (a huey consumer per GenAI job kind, ~1.8 GB together) serves features
@@ -65,7 +68,7 @@ class TrackingServer:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", f"sqlite:///{(self.store / 'mlflow.db').resolve()}",
+                "--backend-store-uri", self.backend_store_uri or f"sqlite:///{(self.store / 'mlflow.db').resolve()}",
                 "--artifacts-destination", str((self.store / "artifacts").resolve()),
                 "--host", self.host, "--port", str(self.port), "--workers", "1"]
 

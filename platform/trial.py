@@ -35,6 +35,7 @@ from dreamfusion.text_cache import TextEmbeddingCache
 from dreamfusion.trainer import CheckpointError, Trainer, TrainerCallback
 from dreamfusion_platform.spec import CANDIDATE, TRAINING_METRICS, SweepSpec
 from dreamfusion_platform.tracking import TrialRun, retry, trial_environment
+from dreamfusion_platform.workspace import CacheMirror
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    cache_dir: str  # the workspace's text-embedding cache, warmed by the driver
+    cache_dir: str  # the workspace's text-embedding cache, warmed by the driver (a node-local copy for a bucket)
+    cache_mirror: CacheMirror | None = None  # the embeddings in a bucket workspace, fetched into cache_dir
 
 
 def trial_key(config: Config) -> str:
@@ -155,7 +157,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
 
     started = time.perf_counter()
     chunk = ChunkMetrics()
-    text_cache = TextEmbeddingCache(Path(context.cache_dir))
+    text_cache = TextEmbeddingCache(Path(context.cache_dir), context.cache_mirror)
     trainer = Trainer(config, callbacks=[chunk, PhaseTag(tracked)], text_cache=text_cache)
     warn_export_cost(trainer, f"trial {key[:8]} ('{config.prompt[:40]}'): ")
     judge = make_judge(config, trainer.device, text_cache)

@@ -5,6 +5,7 @@ wrote is read back from the database and the bucket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -205,3 +206,123 @@ def test_a_node_lost_under_a_running_trial_moves_it_to_another_from_its_checkpoi
     finally:
         server.stop()
         cluster.shutdown()
+
+
+def bucket_keys(bucket, prefix: str) -> set[str]:
+    return {item["Key"][len(prefix):] for page in bucket.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=prefix) for item in page.get("Contents", [])}
+
+
+def test_a_sweep_keeps_its_workspace_in_a_bucket_and_resumes_from_it(tmp_path, s3, monkeypatch):
+    """``--workspace s3://BUCKET/PREFIX``: Tune's state and checkpoints, the sweep's own files and nothing on
+    the driver's disk; ``--resume`` reads them back from the bucket and runs no trial twice."""
+    import io
+
+    import pandas as pd
+    from ray import tune
+
+    from dreamfusion_platform.bucket import bucket_filesystem
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory either
+    server, uri = start_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"),
+                               tmp_path / "mlflow.log")
+    try:
+        spec = write_spec(tmp_path, "bucketed", prompts=["a red ball"])
+        workspace = f"s3://{BUCKET}/team/ws"
+        done = subprocess.run(sweep_command(spec, workspace, "--tracking-uri", uri), capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"results: {workspace}/sweeps/bucketed/results.parquet" in done.stdout
+        keys = bucket_keys(s3, "team/ws/")
+        assert {"sweeps/bucketed/sweep.json", "sweeps/bucketed/spec.yaml", "sweeps/bucketed/results.parquet"} <= keys
+        checkpoints = {key.split("/checkpoint_")[0] for key in keys if "/checkpoint_" in key}
+        assert len(checkpoints) == 2 and all(key.startswith("ray/bucketed/trial_") for key in checkpoints)
+        assert any(key.startswith("ray/bucketed/experiment_state") for key in keys)
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+            ["artifacts", "bucketed.yaml", "mlflow.db", "mlflow.log"])
+
+        results = s3.get_object(Bucket=BUCKET, Key="team/ws/sweeps/bucketed/results.parquet")["Body"].read()
+        table = pd.read_parquet(io.BytesIO(results))
+        assert len(table) == 2 and set(table["status"]) == {"FINISHED"}
+        state = json.loads(s3.get_object(Bucket=BUCKET, Key="team/ws/sweeps/bucketed/sweep.json")["Body"].read())
+        assert state["tracking_uri_given"] == uri
+        for key in keys:  # Tune's pickled state included: the filesystem travels with its endpoint only
+            assert b"testing" not in s3.get_object(Bucket=BUCKET, Key=f"team/ws/{key}")["Body"].read(), key
+        assert tune.Tuner.can_restore(f"{BUCKET}/team/ws/ray/bucketed", storage_filesystem=bucket_filesystem())
+
+        # --resume from the bucket alone (the tracking URI comes from the stored state): every trial had
+        # finished, so no trial runs again and each keeps its one MLflow run.
+        again = subprocess.run(sweep_command(spec, workspace, "--resume"), capture_output=True, text=True,
+                               timeout=900)
+        assert again.returncode == 0, again.stderr[-3000:]
+        children = tracking.child_runs(uri, state["experiment_id"], state["parent_run_id"])
+        assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+        for child in children:
+            steps = [m.step for m in tracking.client(uri).get_metric_history(child.info.run_id, "loss")]
+            assert steps == [1, 2, 3, 4]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("fault", ["no --tracking-uri", "a bucket that does not exist"])
+def test_a_bucket_workspace_that_cannot_work_stops_the_sweep_before_any_work(tmp_path, s3, fault):
+    spec = write_spec(tmp_path, "nowhere", prompts=["a red ball"])
+    with contextlib.ExitStack() as stack:
+        if fault == "no --tracking-uri":
+            command = sweep_command(spec, f"s3://{BUCKET}/ws")
+        else:  # a tracking server that answers: the bucket is what is wrong
+            server = stack.enter_context(tracking.TrackingServer(tmp_path / "mlflow"))
+            command = sweep_command(spec, "s3://no-such-bucket/ws", "--tracking-uri", server.uri)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**os.environ, "AWS_EC2_METADATA_DISABLED": "true"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    if fault == "no --tracking-uri":
+        assert "--tracking-uri" in lines[0] and "holds no MLflow store" in lines[0]
+    else:
+        assert "no-such-bucket" in lines[0] and "create the bucket" in lines[0]
+    assert bucket_keys(s3, "ws/") == set()
+    assert not (tmp_path / "dreamfusion-workspace").exists()
+
+
+def test_text_embeddings_computed_on_the_driver_reach_a_trial_through_the_bucket(tmp_path, s3):
+    import torch
+
+    from dreamfusion.text_cache import TextEmbeddingCache
+    from dreamfusion_platform.workspace import Workspace
+
+    model = tmp_path / "model" / "text_encoder"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    workspace = Workspace(f"s3://{BUCKET}/ws", "cached")
+    value = torch.arange(6.0).reshape(2, 3)
+    driver = TextEmbeddingCache(tmp_path / "driver", workspace.cache_mirror())
+    assert driver.lookup(str(tmp_path / "model"), ["text_encoder"], "prompt", ["a red ball"],
+                         lambda texts: {text: value for text in texts})["a red ball"].equal(value)
+    assert any(key.startswith("cache/text-embeddings/") for key in bucket_keys(s3, "ws/"))
+
+    def never(texts):
+        raise AssertionError("the trial computed what the driver had stored")
+
+    trial = TextEmbeddingCache(tmp_path / "node", workspace.cache_mirror())  # another node: its own disk
+    assert trial.lookup(str(tmp_path / "model"), ["text_encoder"], "prompt", ["a red ball"], never)[
+        "a red ball"].equal(value)
+    assert list((tmp_path / "node" / "text-embeddings").rglob("*.safetensors"))  # kept on the node
+
+
+def test_bench_tracking_measures_both_stores_and_counts_back_every_value(tmp_path):
+    """`dreamfusion bench tracking`, small: simulated trials with the trials' own logging code against the
+    sweep's sqlite server and PostgreSQL; every metric value it recorded is counted back from the store."""
+    done = subprocess.run([sys.executable, "-m", "dreamfusion_platform.cli", "bench", "tracking", "--trials", "3",
+                           "--seconds", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "tracking.json").read_text())
+    assert [(r["backend"], r["trials"]) for r in saved["results"]] == [("sqlite", 3), ("postgresql", 3)]
+    for result in saved["results"]:
+        assert result["reports"] >= 3 and result["failed_reports"] == 0
+        assert result["metric_values_lost"] == 0 and result["metric_values_expected"] >= 3 * 10 * 4
+        assert 0 < result["latency_p50_s"] <= result["latency_p99_s"]
+    table = (tmp_path / "tracking.md").read_text()
+    assert "| sqlite | 3 |" in table and "| postgresql | 3 |" in table and "CPU cores" in table
+    assert "[bench tracking] 2/2 cases" in done.stderr

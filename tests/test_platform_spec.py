@@ -347,3 +347,32 @@ def test_refinement_keys_are_searchable_and_size_the_schedule():
     assert config.refine.iterations == 30 and config.refine.sdf_threshold == 5.0
     with pytest.raises(UserInputError, match="refine.t_min"):
         parse_spec(spec(config={"refine.t_min": 0.9}), REPO)
+
+
+def test_a_spec_that_may_run_more_trials_at_once_than_sqlite_kept_up_with_is_warned_about(tmp_path):
+    from dreamfusion_platform.sweep import SQLITE_HOLDS, concurrent_trials, sqlite_load_warning
+
+    wide = parse_spec(spec(resources={"cpus": 1}), tmp_path)
+    many = {"CPU": 4 * SQLITE_HOLDS}
+    assert concurrent_trials(wide, 1000, many) == 4 * SQLITE_HOLDS
+    warning = sqlite_load_warning(wide, 1000, many)
+    assert warning and f"up to {4 * SQLITE_HOLDS} trials" in warning and "--tracking-uri" in warning
+    # Fewer trials, a cap, fewer CPUs or GPU-bound trials: as many as the store kept up with, no warning.
+    assert sqlite_load_warning(wide, SQLITE_HOLDS, many) is None
+    assert sqlite_load_warning(parse_spec(spec(max_concurrent_trials=SQLITE_HOLDS), tmp_path), 1000, many) is None
+    assert sqlite_load_warning(wide, 1000, {"CPU": SQLITE_HOLDS}) is None
+    assert concurrent_trials(parse_spec(spec(resources={"cpus": 1, "gpus": 0.5}), tmp_path), 1000,
+                             {"CPU": 512, "GPU": 8}) == 16
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--trials", "0"], "--trials takes positive counts"),
+    (["--trials", "eight"], "is not a ','-separated list"),
+    (["--backends", "mysql"], "unknown tracking backend 'mysql'"),
+    (["--seconds", "0"], "--seconds must be positive"),
+])
+def test_bench_tracking_rejects_bad_input_before_any_work(tmp_path, arguments, message):
+    done = subprocess.run([sys.executable, "-m", "dreamfusion_platform.cli", "bench", "tracking", "--out",
+                           str(tmp_path / "out"), *arguments], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
