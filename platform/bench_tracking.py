@@ -45,8 +45,23 @@ def _simulated_trial(uri: str, experiment_id: str, parent_run_id: str, index: in
     rng = np.random.default_rng(index)
     image = rng.integers(0, 256, IMAGE_SHAPE, dtype=np.uint8)
     params = {"prompt": f"load trial {index}", "seed": index, **{f"config.key_{k}": k * 0.5 for k in range(60)}}
-    run = tracking.TrialRun(uri, experiment_id, parent_run_id, f"load-{index:05d}", f"load trial {index}", params,
-                            {"dreamfusion.node_id": "load", "dreamfusion.pid": str(os.getpid())})
+    refused = 0
+
+    def open_run() -> tracking.TrialRun:
+        nonlocal refused
+        try:
+            return tracking.TrialRun(uri, experiment_id, parent_run_id, f"load-{index:05d}", f"load trial {index}",
+                                     params, {"dreamfusion.node_id": "load", "dreamfusion.pid": str(os.getpid())})
+        except Exception:
+            refused += 1
+            raise
+
+    # As a trial opens its run: a server that refuses is asked again, every 10 s, up to 12 times.
+    try:
+        run = tracking.retry(open_run, attempts=12, wait=10.0, what="opening the trial's MLflow run")
+    except Exception:  # noqa: BLE001 - a trial that never got its run: counted, its values all lost
+        return {"run_id": None, "steps": 0, "latencies": [], "failed_reports": 0, "refused_opens": refused,
+                "never_opened": 1}
     time.sleep(rng.uniform(0, report_seconds))  # trials start at different moments
     latencies, failed, step = [], 0, 0
     deadline = time.monotonic() + seconds
@@ -63,12 +78,15 @@ def _simulated_trial(uri: str, experiment_id: str, parent_run_id: str, index: in
         run.finish("FINISHED", attempts=3, wait=1.0)
     except Exception:  # noqa: BLE001 - what it could not send is counted as lost below
         failed += 1
-    return {"run_id": run.run_id, "steps": step, "latencies": latencies, "failed_reports": failed}
+    return {"run_id": run.run_id, "steps": step, "latencies": latencies, "failed_reports": failed,
+            "refused_opens": refused, "never_opened": 0}
 
 
 def _client_process(uri: str, experiment_id: str, parent_run_id: str, indices: list[int], seconds: float,
                     report_seconds: float) -> list[dict[str, Any]]:
-    logging.getLogger("dreamfusion_platform.tracking").setLevel(logging.ERROR)  # failures are counted instead
+    tracking.trial_environment()  # the trials' HTTP settings: few retries, a 20 s timeout
+    for name in ("dreamfusion_platform.tracking", "urllib3"):  # failures are counted instead
+        logging.getLogger(name).setLevel(logging.ERROR)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(indices)) as pool:
         futures = [pool.submit(_simulated_trial, uri, experiment_id, parent_run_id, index, seconds, report_seconds)
                    for index in indices]
@@ -93,6 +111,8 @@ def measure(uri: str, trials: int, seconds: float, report_seconds: float, label:
     client = tracking.client(uri)
     expected = stored = 0
     for result in results:
+        if result["run_id"] is None:
+            continue
         for name in TRAINING_METRICS:
             expected += result["steps"]
             with contextlib.suppress(Exception):  # a history that cannot be read counts as lost
@@ -104,6 +124,8 @@ def measure(uri: str, trials: int, seconds: float, report_seconds: float, label:
             "latency_p99_s": _percentile(latencies, 0.99),
             "latency_mean_s": statistics.fmean(latencies) if latencies else math.nan,
             "failed_reports": sum(r["failed_reports"] for r in results),
+            "refused_opens": sum(r["refused_opens"] for r in results),
+            "trials_never_opened": sum(r["never_opened"] for r in results),
             "metric_values_expected": expected, "metric_values_lost": expected - stored}
 
 
@@ -165,10 +187,12 @@ def tracking_load(out: Path, sizes: list[int], backends: list[str], seconds: flo
                 for size in sizes:
                     results.append(measure(uri, size, seconds, report_seconds, backend))
                     r = results[-1]
+                    _write(out, results, sizes, backends, seconds, report_seconds)  # a cut-off run keeps its cases
                     _progress(len(results), total, started,
                               f"{backend}, {size} trials: {r['reports_per_second']:.1f} reports/s, p99 "
-                              f"{r['latency_p99_s']:.2f} s, {r['metric_values_lost']} values lost")
-    _write(out, results, sizes, backends, seconds, report_seconds)
+                              f"{r['latency_p99_s']:.2f} s, {r['refused_opens']} run opens refused, "
+                              f"{r['metric_values_lost']} values lost")
+    print("\n".join((out / "tracking.md").read_text().splitlines()[4:]))
     return results
 
 
@@ -192,16 +216,17 @@ def _write(out: Path, results: list[dict[str, Any]], sizes: list[int], backends:
         f"({STEPS_PER_REPORT} steps of {len(TRAINING_METRICS)} metrics and a {IMAGE_SHAPE[1]}×{IMAGE_SHAPE[0]} "
         "image strip); the server (one worker, as a sweep starts it) and the trials share the machine.", "",
         "| store | trials | reports/s | of ideal | p50 report (s) | p99 report (s) | failed reports "
-        "| metric values lost |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run opens refused (trials never opened) | metric values lost |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ideal = r["trials"] / report_seconds
         table.append(f"| {r['backend']} | {r['trials']} | {r['reports_per_second']:.1f} | "
                      f"{r['reports_per_second'] / ideal:.0%} | {r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} | "
-                     f"{r['failed_reports']} | {r['metric_values_lost']} of {r['metric_values_expected']} |")
+                     f"{r['failed_reports']} | {r['refused_opens']} ({r['trials_never_opened']} never) | "
+                     f"{r['metric_values_lost']} of "
+                     f"{r['metric_values_expected']} |")
     (out / "tracking.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table[4:]))
 
 
 def run_from_arguments(args) -> int:

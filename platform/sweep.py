@@ -157,9 +157,10 @@ def build_tuner(spec: SweepSpec, workspace: Workspace, context: TrialContext, pr
 
 
 STALL_SECONDS = 30.0
-# Trials reporting at once that the sqlite store a sweep starts by itself kept up with (every report sent,
-# none lost, p99 under a second) in `dreamfusion bench tracking` on 2 CPU cores (docs/benchmarks/tracking.md).
-SQLITE_HOLDS = 32
+# Trials reporting at once that the sqlite store a sweep starts by itself kept up with in `dreamfusion bench
+# tracking` on 2 CPU cores (every report sent, p99 0.34 s); at 32 its connection pool ran out and trials waited
+# to open their runs (docs/benchmarks/tracking.md, 2026-12-04).
+SQLITE_HOLDS = 8
 
 
 def concurrent_trials(spec: SweepSpec, total: int, resources: dict[str, float]) -> int:

@@ -326,3 +326,51 @@ def test_bench_tracking_measures_both_stores_and_counts_back_every_value(tmp_pat
     table = (tmp_path / "tracking.md").read_text()
     assert "| sqlite | 3 |" in table and "| postgresql | 3 |" in table and "CPU cores" in table
     assert "[bench tracking] 2/2 cases" in done.stderr
+
+
+def test_a_trial_killed_in_a_bucket_workspace_resumes_from_its_checkpoint_there(tmp_path, s3):
+    """The trial's process is killed after its second report; Tune retries it, and it resumes from the
+    checkpoint it had stored in the bucket (downloaded through the workspace's filesystem)."""
+    import io
+    import signal
+
+    import pandas as pd
+
+    from tests.test_platform_sweep import wait_for
+
+    server, uri = start_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"),
+                               tmp_path / "mlflow.log")
+    try:
+        spec = write_spec(tmp_path, "retried", prompts=["a red ball"], iterations=200, report_every=20,
+                          search={"space": {}})
+        driver = subprocess.Popen(sweep_command(spec, f"s3://{BUCKET}/ws", "--tracking-uri", uri),
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"),
+                                  start_new_session=True, cwd=tmp_path)
+        client = tracking.client(uri)
+
+        def reported_twice():
+            experiment = client.get_experiment_by_name("retried")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            trials = [run for run in runs if tracking.PARENT_TAG in run.data.tags]
+            if trials and len(client.get_metric_history(trials[0].info.run_id, "loss")) >= 40:
+                return trials[0]
+            return None
+
+        try:
+            trial = wait_for(reported_twice, 600, "a trial two reports in")
+            wait_for(lambda: len([k for k in bucket_keys(s3, "ws/ray/retried/") if "/checkpoint_" in k]) >= 2, 60,
+                     "its checkpoints in the bucket")
+            os.kill(int(trial.data.tags["dreamfusion.pid"]), signal.SIGKILL)
+            assert driver.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+        run = client.get_run(trial.info.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["dreamfusion.attempts"] == "2"
+        assert int(run.data.tags["dreamfusion.resumed_from_step"]) >= 40
+        results = s3.get_object(Bucket=BUCKET, Key="ws/sweeps/retried/results.parquet")["Body"].read()
+        table = pd.read_parquet(io.BytesIO(results))
+        assert list(table["status"]) == ["FINISHED"] and table["step"].iloc[0] == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
