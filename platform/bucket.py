@@ -46,8 +46,7 @@ class _Upload(io.BytesIO):
 
     def close(self) -> None:
         if not self.closed:
-            bucket, key = _split(self.path)
-            self.store.client.put_object(Bucket=bucket, Key=key, Body=self.getvalue())
+            self.store.write(self.path, self.getvalue())
         super().close()
 
 
@@ -169,6 +168,11 @@ class BucketHandler(fs.FileSystemHandler):
             if _missing(exc):
                 raise FileNotFoundError(f"s3://{path}") from None
             raise OSError(f"s3://{path}: {exc}") from exc
+
+    def write(self, path: str, data: bytes) -> None:
+        """``data`` as the object at ``path`` (``bucket/key``), in one request."""
+        bucket, key = _split(path)
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
 
     def open_input_stream(self, path: str):
         return pa.BufferReader(self.read(path))

@@ -62,9 +62,9 @@ def _storage_error(location: str, exc: Exception) -> UserInputError:
 class CacheMirror:
     """The text-embedding cache's entries in a bucket workspace (``dreamfusion.text_cache.CacheMirror``)."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, bucket: BucketHandler) -> None:
         self.base = base  # bucket/prefix/cache
-        self.bucket = BucketHandler(configured_endpoint())
+        self.bucket = bucket
 
     def fetch(self, relative: str, destination: Path) -> bool:
         try:
@@ -78,8 +78,7 @@ class CacheMirror:
         return True
 
     def store(self, relative: str, source: Path) -> None:
-        bucket, _, key = f"{self.base}/{relative}".partition("/")
-        self.bucket.client.put_object(Bucket=bucket, Key=key, Body=source.read_bytes())
+        self.bucket.write(f"{self.base}/{relative}", source.read_bytes())
 
 
 class Workspace:
@@ -113,15 +112,11 @@ class Workspace:
         return f"sweeps/{self.name}"
 
     @property
-    def state_where(self) -> str:
-        return self.where(self.sweep_folder, STATE)
-
-    @property
     def results_where(self) -> str:
         return self.where(self.sweep_folder, RESULTS)
 
     def cache_mirror(self) -> CacheMirror | None:
-        return CacheMirror(f"{self.base}/cache") if self.remote else None
+        return CacheMirror(f"{self.base}/cache", self.bucket) if self.remote else None
 
     def tune_storage(self) -> tuple[str, Any]:
         """``(storage_path, storage_filesystem)`` for Ray Tune."""
@@ -130,11 +125,10 @@ class Workspace:
     def check_writable(self) -> None:
         """A probe written and removed; a missing bucket, no credentials or a read-only folder is one line."""
         if self.remote:
-            bucket, _, prefix = self.base.partition("/")
-            probe = f"{prefix}/.probe-{uuid.uuid4().hex}".lstrip("/")
+            probe = f"{self.base}/.probe-{uuid.uuid4().hex}"
             try:
-                self.bucket.client.put_object(Bucket=bucket, Key=probe, Body=b"probe")
-                self.bucket.client.delete_object(Bucket=bucket, Key=probe)
+                self.bucket.write(probe, b"probe")
+                self.bucket.delete_file(probe)
             except Exception as exc:  # botocore's errors: a refused request, no credentials, no endpoint
                 raise _storage_error(self.location, exc) from None
             return
@@ -164,8 +158,7 @@ class Workspace:
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Whole or not at all: an object is stored in one request; a local file is renamed into place."""
         if self.remote:
-            bucket, _, key = f"{self.base}/{relative}".partition("/")
-            self.bucket.client.put_object(Bucket=bucket, Key=key, Body=data)
+            self.bucket.write(f"{self.base}/{relative}", data)
             return
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
