@@ -107,9 +107,11 @@ def _cmd_bench_tracking(args: argparse.Namespace) -> int:
     return run_from_arguments(args)
 
 
+BENCHMARKS = [library_cli.ExtraBenchmark("tracking", _tracking_arguments, _cmd_bench_tracking)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    return library_cli.main(argv, extensions=[register], benchmarks=[
-        library_cli.ExtraBenchmark("tracking", _tracking_arguments, _cmd_bench_tracking)])
+    return library_cli.main(argv, extensions=[register], benchmarks=BENCHMARKS)
 
 
 if __name__ == "__main__":

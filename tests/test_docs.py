@@ -12,7 +12,7 @@ import pytest
 
 from dreamfusion.cli import build_parser
 from dreamfusion.config import Config, apply_overrides, known_keys
-from dreamfusion_platform.cli import register
+from dreamfusion_platform.cli import BENCHMARKS, register
 from dreamfusion_platform.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_the_readme_shows_commands():
 @pytest.mark.parametrize(("where", "command"), [c for c in COMMANDS if not is_synopsis(c[1])],
                          ids=[f"{w}: {c[:60]}" for w, c in COMMANDS if not is_synopsis(c)])
 def test_each_documented_command_parses(where, command):
-    parser = build_parser([register])
+    parser = build_parser([register], BENCHMARKS)
     words = shlex.split(command)[1:]
     try:
         args = parser.parse_args(words)
