@@ -318,10 +318,13 @@ class RefineConfig:
     grid_resolution: int = 64  # cubes a side of the tetrahedral grid (six tetrahedra each)
     # The stage-1 density at which the SDF starts at zero: the surface the refinement starts from.
     sdf_threshold: float = 3.0
-    lr_sdf: float = 0.01
+    # The SDF is a distance in grid cells (``dreamfusion.refine.signed_distance_in_cells``): 0.1 moves the
+    # surface up to a tenth of a cell a step. At 0.2 with normal consistency 0.01 the house's silhouette
+    # follows its photos further but the ball's surface roughens (docs/benchmarks/quality_refine.md).
+    lr_sdf: float = 0.1
     lr_deform: float = 0.01
     lr_texture: float = 0.002  # the field's hash grid and MLPs, which carry on as the texture
-    lambda_normal_consistency: float = 1.0
+    lambda_normal_consistency: float = 0.1
     lambda_laplacian: float = 0.0
     t_min: float = 0.02
     t_max: float = 0.5

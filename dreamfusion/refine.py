@@ -9,7 +9,10 @@ normal-consistency and Laplacian regularisers on the mesh.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import trimesh
+from scipy.spatial import cKDTree
 from torch import nn
 
 from dreamfusion.cameras import CameraBatch, generate_rays
@@ -26,11 +29,16 @@ from dreamfusion.dmtet import (
     vertex_normals,
 )
 from dreamfusion.field import RadianceField, density_from_log
+from dreamfusion.geometry import distance_to_mesh
 from dreamfusion.rasterizer import antialias, rasterize
 from dreamfusion.renderer import RenderOutput, Shading, module_device, shade
 
 # How far a grid vertex may move, in cells (DMTet's tanh-bounded offsets; half a cell keeps tets valid).
 MAX_OFFSET_CELLS = 0.5
+# The initial SDF is a true signed distance (in cells) out to this many cells from the surface, constant beyond:
+# only vertices next to the surface get gradients, and a surface that has to move a few cells crosses them at
+# the same speed as the first.
+SDF_BAND_CELLS = 3.0
 _CHUNK = 2**18
 
 
@@ -47,8 +55,8 @@ def _density(field: RadianceField, points: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def fit_grid(field: RadianceField, config: RefineConfig) -> tuple[TetGrid, torch.Tensor]:
     """The tet grid over the box that holds the stage-1 surface (a coarse pass over [-1, 1]^3 tightens it to
-    the occupied extent plus two cells, as threestudio does) and its initial SDF: ``(τ − σ) / τ`` clamped to
-    [−1, 1] (negative inside), so the zero set is the density's isosurface at ``τ = refine.sdf_threshold``."""
+    the occupied extent plus two cells, as threestudio does) and its initial SDF: the signed distance, in
+    cells, to the density's isosurface at ``τ = refine.sdf_threshold`` (``signed_distance_in_cells``)."""
     device = module_device(field)
     threshold = config.sdf_threshold
     coarse = tet_grid(64).vertices.to(device)
@@ -59,8 +67,34 @@ def fit_grid(field: RadianceField, config: RefineConfig) -> tuple[TetGrid, torch
     extent = float(coarse[inside].abs().max()) + 2 * (2.0 / 64)
     scale = min(1.0, extent + 2 * (2 * extent / config.grid_resolution))
     grid = tet_grid(config.grid_resolution, scale).to(device)
-    sdf = ((threshold - _density(field, grid.vertices)) / threshold).clamp(-1.0, 1.0)
-    return grid, sdf
+    return grid, signed_distance_in_cells(grid, threshold - _density(field, grid.vertices))
+
+
+@torch.no_grad()
+def signed_distance_in_cells(grid: TetGrid, level: torch.Tensor, band: float = SDF_BAND_CELLS) -> torch.Tensor:
+    """Each grid vertex's signed distance (negative inside) to the zero set of ``level``'s linear interpolation
+    over the tetrahedra, in cells, truncated at ``band``.
+
+    The anchors start from the density itself, ``(τ − σ)`` clamped to [−1, 1] (stable-dreamfusion,
+    threestudio): saturated a cell from the surface and steep across it, so moving the surface by a cell
+    takes a unit change at one vertex, and the stage barely moves geometry (stable-dreamfusion #315). A
+    distance makes a step of the SDF a step of the surface, by the same amount everywhere."""
+    surface = marching_tetrahedra(grid.vertices, level, grid.tets)
+    sign = torch.where(level < 0, -1.0, 1.0).to(grid.vertices)
+    if surface.faces.shape[0] == 0:
+        return sign * band
+    cell = 2.0 * grid.scale / grid.resolution
+    mesh = trimesh.Trimesh(vertices=surface.vertices.cpu().double().numpy(), faces=surface.faces.cpu().numpy(),
+                           process=False)
+    points = grid.vertices.cpu().double().numpy()
+    # A triangle of the grid's surface spans at most a cube's diagonal (√3 cells): a vertex farther than
+    # band + 2 cells from every mesh vertex is beyond the band.
+    nearest, _ = cKDTree(mesh.vertices).query(points, distance_upper_bound=(band + 2.0) * cell)
+    near = np.isfinite(nearest)
+    distance = np.full(len(points), band * cell)
+    distance[near] = distance_to_mesh(points[near], mesh)
+    cells = torch.from_numpy(np.minimum(distance / cell, band)).to(grid.vertices)
+    return sign * cells
 
 
 class MeshRefiner(nn.Module):

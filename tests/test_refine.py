@@ -121,6 +121,28 @@ def test_a_visibility_backend_the_machine_lacks_is_refused_before_training(monke
         Trainer(refining(2, 2, "refine.visibility=embree"))
 
 
+def test_the_initial_sdf_is_the_distance_to_the_isosurface_in_cells():
+    """A sphere's radial level set: each vertex's value is its distance to the sphere in cells, with the sign
+    of the level, out to the band and constant beyond; the zero set stays where the level's was."""
+    from dreamfusion.dmtet import marching_tetrahedra, tet_grid
+    from dreamfusion.refine import SDF_BAND_CELLS, signed_distance_in_cells
+
+    grid = tet_grid(24, 1.0)
+    cell = 2.0 / 24
+    radius = grid.vertices.norm(dim=-1)
+    level = radius**2 - 0.6**2  # zero on the sphere, but no distance: 0.3 a cell out at the surface
+    sdf = signed_distance_in_cells(grid, level)
+    exact = (radius - 0.6) / cell
+    band = exact.abs() < SDF_BAND_CELLS - 0.5
+    # the distance is to the sphere's chordal surface: within a hundredth of the radius, a seventh of a cell
+    assert (sdf[band] - exact[band]).abs().max() < 0.01 * 0.6 / cell
+    assert torch.equal(sdf < 0, level < 0)
+    assert (sdf[~band].abs() > SDF_BAND_CELLS - 0.6).all() and sdf.abs().max() <= SDF_BAND_CELLS
+    before = marching_tetrahedra(grid.vertices, level, grid.tets).vertices.norm(dim=-1)
+    after = marching_tetrahedra(grid.vertices, sdf, grid.tets).vertices.norm(dim=-1)
+    assert (before - 0.6).abs().max() < 0.1 * cell and (after - 0.6).abs().max() < 0.1 * cell
+
+
 def test_evaluating_the_truth_as_a_mesh_scores_like_the_truth():
     """The metrics of a render function: the refined path's evaluation on the truth's own mesh."""
     from dreamfusion.dmtet import TetMesh
