@@ -164,12 +164,16 @@ def fscore(to_truth: np.ndarray, to_mesh: np.ndarray, threshold: float) -> float
     return 0.0 if precision + recall == 0 else 2.0 * precision * recall / (precision + recall)
 
 
-def _trace_normals(obj: SyntheticObject, cameras: CameraBatch, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sphere_trace(obj: SyntheticObject, cameras: CameraBatch, resolution: int, offset: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each pixel's ray marched onto the level set ``sdf = offset``: the rays' points ``[P, 3]`` where they
+    stopped and which of them hit ``[P]``."""
     origins, directions = generate_rays(cameras.to("cpu"), resolution)
     o, d = origins.reshape(-1, 3).double(), directions.reshape(-1, 3).double()
-    # Start where the ray enters the unit sphere, which holds every object.
+    # Start where the ray enters the sphere that holds every object (the unit sphere) and the offset.
+    reach = 1.0 + max(offset, 0.0)
     b = (o * d).sum(-1)
-    disc = b * b - ((o * o).sum(-1) - 1.0)
+    disc = b * b - ((o * o).sum(-1) - reach * reach)
     root = disc.clamp_min(0.0).sqrt()
     t, far = (-b - root).clamp_min(0.0), -b + root
     active = disc > 0
@@ -179,19 +183,31 @@ def _trace_normals(obj: SyntheticObject, cameras: CameraBatch, resolution: int) 
             index = active.nonzero().squeeze(1)
             if index.numel() == 0:
                 break
-            distance = obj.sdf(o[index] + t[index, None] * d[index])
+            distance = obj.sdf(o[index] + t[index, None] * d[index]) - offset
             arrived = distance < 1e-5
             hit[index[arrived]] = True
             # 0.9: some SDFs here (the ellipsoid, intersections) are bounds, not exact distances.
             t[index] += 0.9 * distance.clamp_min(0.0)
             active[index[arrived | (t[index] > far[index])]] = False
-    normals = torch.zeros_like(o)
+    return o + t[:, None] * d, hit
+
+
+def _trace_normals(obj: SyntheticObject, cameras: CameraBatch, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    points, hit = _sphere_trace(obj, cameras, resolution)
+    normals = torch.zeros_like(points)
     if hit.any():
-        _, gradient = _sdf_gradient(obj, o[hit] + t[hit, None] * d[hit])
+        _, gradient = _sdf_gradient(obj, points[hit])
         normals[hit] = gradient / gradient.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     count = len(cameras)
     return (normals.float().reshape(count, resolution, resolution, 3).permute(0, 3, 1, 2),
             hit.float().reshape(count, 1, resolution, resolution))
+
+
+def level_set_silhouettes(prompt: str, cameras: CameraBatch, resolution: int, offset: float) -> torch.Tensor:
+    """``[B, 1, R, R]``: the pixels whose rays meet the object grown by ``offset`` (its SDF's level set
+    ``sdf = offset``; negative: shrunk)."""
+    _, hit = _sphere_trace(find_object(prompt), cameras, resolution, offset)
+    return hit.float().reshape(len(cameras), 1, resolution, resolution)
 
 
 def true_normals(prompt: str, cameras: CameraBatch, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,19 @@ def test_quality_writes_after_each_run_and_resumes(tmp_path, monkeypatch, caplog
     assert "quality run 1/1: a blue cube (default)" in caplog.text
 
 
+def test_the_side_by_side_table_holds_both_stages_ratios_and_the_photos_floor(tmp_path, monkeypatch):
+    def train(prompt, overrides, iterations):
+        refined = {**fake_metrics(prompt, overrides, iterations), "chamfer": 0.03, "wall_seconds": 3.0}
+        return {**refined, "stage1": {**fake_metrics(prompt, overrides, iterations), "chamfer": 0.06}}
+
+    monkeypatch.setattr(benchmarks, "_train_and_evaluate", train)
+    monkeypatch.setattr(benchmarks, "photos_surface_offset", lambda prompt: 0.0487)
+    benchmarks.quality(tmp_path, prompts=["a red ball"], ablations=False, settings=["refine.iterations=2"])
+    table = (tmp_path / "quality.md").read_text()
+    assert "| a red ball | 0.0600 | 0.0300 | 0.50 | 0.0487 |" in table
+    assert "| photos' floor |" in table and "| 1 | 3 | 3.00 |" in table
+
+
 def test_quality_settings_reach_every_run_and_a_change_of_them_starts_afresh(tmp_path, monkeypatch):
     calls = []
 

@@ -12,6 +12,7 @@ from dreamfusion.evaluate import held_out_cameras
 from dreamfusion.geometry import (
     FSCORE_THRESHOLD,
     distance_to_mesh,
+    level_set_silhouettes,
     mesh_accuracy,
     normal_error_deg,
     normal_error_from_render,
@@ -156,3 +157,20 @@ def test_the_truth_rendered_as_a_field_has_small_normal_error_and_a_wrong_shape_
     [ball] = render_batched_shadings(SDFField(find_object(BALL)), cameras, 48, 96, (Shading("lambertian"),))
     other = normal_error_from_render(HOUSE, cameras, 48, ball.normals, ball.opacity)["normal_error_deg"]
     assert own < 5.0 and other > 25.0
+
+
+def test_the_photos_surface_lies_outside_the_ball_by_what_its_soft_density_predicts():
+    """VolSDF's Laplace density (β = 0.012) on a ball of radius 0.55: a grazing ray reaches optical depth ln 2
+    about 2.5 β outside the surface, 5% of the radius; the grown ball's silhouettes are the photos'."""
+    from dreamfusion.evaluate import photos_surface_offset
+    from dreamfusion.prior.synthetic import render_ground_truth
+
+    offset = photos_surface_offset("a red ball", 32)
+    assert 0.03 < offset < 0.07
+    cameras = held_out_cameras().slice(0, 4)
+    grown = level_set_silhouettes("a red ball", cameras, 32, offset * 0.55) > 0.5
+    _, opacity = render_ground_truth(find_object("a red ball"), cameras, 32)
+    photos = opacity > 0.5
+    assert float((grown & photos).sum() / (grown | photos).sum()) > 0.97
+    bare = level_set_silhouettes("a red ball", cameras, 32, 0.0) > 0.5
+    assert float(bare.sum()) < float(photos.sum())
