@@ -268,12 +268,14 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
     device = resolve_device(_benchmark_config(chosen[0].prompt, settings, iterations).device)
     previous = out / "quality.json"
     runs: dict[str, Any] = {}
+    machine = _machine(device)
     if previous.exists():
         saved = json.loads(previous.read_text())
         same_defaults = saved.get("defaults") == _library_defaults()  # runs of other defaults are not these
         if (same_defaults and saved.get("format") == _QUALITY_FORMAT and saved.get("iterations") == iterations
                 and saved.get("settings", []) == settings):
             runs = saved["runs"]
+            machine = saved.get("machine", machine)  # a table rewritten elsewhere still names where it ran
     plan: list[tuple[str, str, list[str]]] = []
     for obj in chosen:
         plan.append((obj.prompt, "default", []))
@@ -287,8 +289,9 @@ def quality(out: Path, prompts: list[str] | None = None, ablations: bool = True,
         eta = f", about {(time.perf_counter() - started) / done * (len(todo) - done) / 60:.0f} min left" if done else ""
         log.info("quality run %d/%d: %s (%s)%s", done + 1, len(todo), prompt, arm.replace("_", " "), eta)
         runs.setdefault(prompt, {})[arm] = _train_and_evaluate(prompt, settings + overrides, iterations)
-        payload = _write_quality(out, runs, iterations, settings, command, device)
-    return payload or _write_quality(out, runs, iterations, settings, command, device)
+        machine = _machine(device)
+        payload = _write_quality(out, runs, iterations, settings, command, machine)
+    return payload or _write_quality(out, runs, iterations, settings, command, machine)
 
 
 # The metrics a run in quality.json holds; runs saved with another format lack some and are run again.
@@ -318,7 +321,7 @@ def _quality_command(prompts: list[str] | None, ablations: bool, iterations: int
 
 
 def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, settings: list[str],
-                   command: str, device: torch.device) -> dict[str, Any]:
+                   command: str, machine: dict[str, Any]) -> dict[str, Any]:
     table = ["| prompt | IoU | PSNR | R-prec colour | R-prec textureless | Janus | front recall | Chamfer "
              f"| F-score @{FSCORE_THRESHOLD:.0%} | normal error ° | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -366,7 +369,7 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
               "(`dreamfusion/geometry.py`). Photos' floor: how far outside the true surface the prior's photos show "
               "the object (a soft density's silhouette), as the same share; a mesh that reproduced the photos exactly "
               "would have about this Chamfer (`dreamfusion.evaluate.photos_surface_offset`)."]
-    payload = {"machine": _machine(device), "command": command, "iterations": iterations, "settings": settings,
+    payload = {"machine": machine, "command": command, "iterations": iterations, "settings": settings,
                "defaults": _library_defaults(), "format": _QUALITY_FORMAT, "runs": runs}
     _write(out, "quality", payload, table)
     return payload

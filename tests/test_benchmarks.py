@@ -54,6 +54,17 @@ def test_the_side_by_side_table_holds_both_stages_ratios_and_the_photos_floor(tm
     assert "| photos' floor |" in table and "| 1 | 3 | 3.00 |" in table
 
 
+def test_a_table_rewritten_without_new_runs_keeps_the_machine_that_measured_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmarks, "_train_and_evaluate", fake_metrics)
+    benchmarks.quality(tmp_path, prompts=["a red ball"], ablations=False)
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    saved["machine"].update(device="NVIDIA H200", date="2026-12-04")
+    (tmp_path / "quality.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(benchmarks, "_train_and_evaluate", lambda *args: pytest.fail("nothing is to run"))
+    benchmarks.quality(tmp_path, prompts=["a red ball"], ablations=False)
+    assert "Measured 2026-12-04 on one NVIDIA H200 GPU beside" in (tmp_path / "quality.md").read_text()
+
+
 def test_quality_settings_reach_every_run_and_a_change_of_them_starts_afresh(tmp_path, monkeypatch):
     calls = []
 
