@@ -345,7 +345,7 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
     if staged:
         table += ["", "Stage 1 alone and with refinement, side by side (the same run, measured when stage 1 ended "
                   "and at the end; ratios refined / stage 1):", "",
-                  "| prompt | Chamfer 1 | Chamfer 2 | ratio | photos' floor | normal error 1 | normal error 2 | ratio "
+                  "| prompt | Chamfer 1 | Chamfer 2 | ratio | photos' offset | normal error 1 | normal error 2 | ratio "
                   "| IoU 1 | IoU 2 | R-prec textureless 1 | 2 | F-score 1 | 2 | seconds 1 | seconds 1+2 | ratio |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for prompt in staged:
@@ -366,9 +366,9 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
     table += ["", f"Chamfer: the symmetric mean distance between the exported mesh and the true surface, as a share "
               f"of the object's bounding radius; F-score at {FSCORE_THRESHOLD:.0%} of that radius; normal error: the "
               "mean angle between the rendered and the true normals at the 16 held-out cameras "
-              "(`dreamfusion/geometry.py`). Photos' floor: how far outside the true surface the prior's photos show "
-              "the object (a soft density's silhouette), as the same share; a mesh that reproduced the photos exactly "
-              "would have about this Chamfer (`dreamfusion.evaluate.photos_surface_offset`)."]
+              "(`dreamfusion/geometry.py`). Photos' offset: the prior's photos show the object grown by this share of "
+              "its radius (a soft density's silhouette: `dreamfusion.evaluate.photos_surface_offset`), so a mesh "
+              "that reproduced them exactly would lie about this far from the true surface."]
     payload = {"machine": machine, "command": command, "iterations": iterations, "settings": settings,
                "defaults": _library_defaults(), "format": _QUALITY_FORMAT, "runs": runs}
     _write(out, "quality", payload, table)

@@ -121,8 +121,8 @@ def photos_surface_offset(prompt: str, resolution: int = EVAL_RESOLUTION) -> flo
 
     The photos are volume renders of a soft density around the surface (VolSDF's, ``SDFField``), opaque a few
     of its widths outside it on rays that graze it. A result that reproduced the photos exactly would lie
-    about δ from the true surface everywhere, so its Chamfer (a share of the same radius) would be about δ:
-    the floor of what training on these photos can reach."""
+    about δ from the true surface, so its Chamfer (a share of the same radius) would be about δ: what
+    learning these photos well gives, not the truth."""
     cameras = held_out_cameras()
     _, opacity = render_ground_truth(find_object(prompt), cameras, resolution)
     pixels = float((opacity > 0.5).sum())

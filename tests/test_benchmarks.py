@@ -41,7 +41,7 @@ def test_quality_writes_after_each_run_and_resumes(tmp_path, monkeypatch, caplog
     assert "quality run 1/1: a blue cube (default)" in caplog.text
 
 
-def test_the_side_by_side_table_holds_both_stages_ratios_and_the_photos_floor(tmp_path, monkeypatch):
+def test_the_side_by_side_table_holds_both_stages_ratios_and_the_photos_offset(tmp_path, monkeypatch):
     def train(prompt, overrides, iterations):
         refined = {**fake_metrics(prompt, overrides, iterations), "chamfer": 0.03, "wall_seconds": 3.0}
         return {**refined, "stage1": {**fake_metrics(prompt, overrides, iterations), "chamfer": 0.06}}
@@ -51,7 +51,7 @@ def test_the_side_by_side_table_holds_both_stages_ratios_and_the_photos_floor(tm
     benchmarks.quality(tmp_path, prompts=["a red ball"], ablations=False, settings=["refine.iterations=2"])
     table = (tmp_path / "quality.md").read_text()
     assert "| a red ball | 0.0600 | 0.0300 | 0.50 | 0.0487 |" in table
-    assert "| photos' floor |" in table and "| 1 | 3 | 3.00 |" in table
+    assert "| photos' offset |" in table and "| 1 | 3 | 3.00 |" in table
 
 
 def test_a_table_rewritten_without_new_runs_keeps_the_machine_that_measured_them(tmp_path, monkeypatch):
