@@ -134,4 +134,3 @@ def photos_surface_offset(prompt: str, resolution: int = EVAL_RESOLUTION) -> flo
         else:
             high = middle
     return 0.5 * (low + high) / truth_surface(prompt).radius
-

@@ -165,7 +165,7 @@ def fscore(to_truth: np.ndarray, to_mesh: np.ndarray, threshold: float) -> float
 
 
 def _sphere_trace(obj: SyntheticObject, cameras: CameraBatch, resolution: int, offset: float = 0.0
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each pixel's ray marched onto the level set ``sdf = offset``: the rays' points ``[P, 3]`` where they
     stopped and which of them hit ``[P]``."""
     origins, directions = generate_rays(cameras.to("cpu"), resolution)
