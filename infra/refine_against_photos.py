@@ -17,6 +17,7 @@ from unittest import mock
 
 import dreamfusion.trainer as trainer_module
 from dreamfusion.config import Config, apply_overrides
+from dreamfusion.errors import UserInputError
 from dreamfusion.pipeline import compute_metrics, mesh_if_any
 from dreamfusion.prior.shapes import find_object
 from dreamfusion.prior.synthetic import render_ground_truth
@@ -55,7 +56,14 @@ def main() -> None:
     parser.add_argument("prompt")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    config = apply_overrides(Config(prompt=args.prompt), ["refine.iterations=100", *args.set])
+    try:  # bad input: one line and exit 2, before any training
+        find_object(args.prompt)
+        config = apply_overrides(Config(prompt=args.prompt), ["refine.iterations=100", *args.set])
+    except UserInputError as exc:
+        parser.error(str(exc))
+    if config.guidance.backend != "synthetic" or not config.refine.iterations:
+        parser.error("the oracle needs the synthetic prior's photos and refinement steps: leave guidance.backend "
+                     "at synthetic and refine.iterations above 0")
     stage1 = trainer_module.Trainer(config)
     started = time.perf_counter()
     stage1.train(until=config.iterations)
