@@ -343,6 +343,7 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
         table += [row(f"{p} ({ABLATIONS[arm][0]})", runs[p][arm]) for p, arm in ablated]
     staged = [p for p in ordered if "stage1" in runs[p].get("default", {})]
     if staged:
+        stage1_photos = apply_overrides(Config(), settings).guidance.prior_photos
         table += ["", "Stage 1 alone and with refinement, side by side (the same run, measured when stage 1 ended "
                   "and at the end; ratios refined / stage 1):", "",
                   "| prompt | Chamfer 1 | Chamfer 2 | ratio | photos' offset | normal error 1 | normal error 2 | ratio "
@@ -356,7 +357,7 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
                 return f"{second[key] / first[key]:.2f}" if key in first and key in second and first[key] else "-"
 
             table.append(f"| {prompt} | {cell(one, 'chamfer', '.4f')} | {cell(two, 'chamfer', '.4f')} | "
-                         f"{ratio('chamfer')} | {photos_surface_offset(prompt):.4f} | "
+                         f"{ratio('chamfer')} | {photos_surface_offset(prompt, photos=stage1_photos):.4f} | "
                          f"{cell(one, 'normal_error_deg', '.1f')} | "
                          f"{cell(two, 'normal_error_deg', '.1f')} | {ratio('normal_error_deg')} | "
                          f"{one['silhouette_iou']:.3f} | {two['silhouette_iou']:.3f} | "
@@ -366,9 +367,10 @@ def _write_quality(out: Path, runs: dict[str, Any], iterations: int | None, sett
     table += ["", f"Chamfer: the symmetric mean distance between the exported mesh and the true surface, as a share "
               f"of the object's bounding radius; F-score at {FSCORE_THRESHOLD:.0%} of that radius; normal error: the "
               "mean angle between the rendered and the true normals at the 16 held-out cameras "
-              "(`dreamfusion/geometry.py`). Photos' offset: the prior's photos show the object grown by this share of "
-              "its radius (a soft density's silhouette: `dreamfusion.evaluate.photos_surface_offset`), so a mesh "
-              "that reproduced them exactly would lie about this far from the true surface."]
+              "(`dreamfusion/geometry.py`). Photos' offset: stage 1's photos show the object grown by this share of "
+              "its radius (a soft density's silhouette: `dreamfusion.evaluate.photos_surface_offset`), so a field "
+              "that reproduced them exactly would lie about this far from the true surface; the refinement's photos "
+              "(`refine.prior_photos` surface) show the surface itself."]
     payload = {"machine": machine, "command": command, "iterations": iterations, "settings": settings,
                "defaults": _library_defaults(), "format": _QUALITY_FORMAT, "runs": runs}
     _write(out, "quality", payload, table)

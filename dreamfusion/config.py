@@ -216,6 +216,12 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# How the synthetic prior's photos are drawn: "volume", a volume render of the object's soft VolSDF density,
+# whose silhouette lies 2-5% of the radius outside the surface (docs/synthetic-prior.md); "surface", the true
+# surface sphere-traced and antialiased (dreamfusion.prior.synthetic.render_surface_photos).
+PRIOR_PHOTO_KINDS = ("volume", "surface")
+
+
 @dataclass
 class GuidanceConfig:
     backend: str = "synthetic"
@@ -226,6 +232,10 @@ class GuidanceConfig:
     # Grey level behind the synthetic objects in the prior's photos and the ground truth. Mid-grey: on
     # white, a white or cream object barely differs from its backdrop and its opacity is hardly learned.
     prior_backdrop: float = 0.5
+    # How the synthetic prior's photos are drawn (PRIOR_PHOTO_KINDS). Stage 1's stay the volume renders that
+    # every figure of docs/benchmarks/quality.md was measured with; the refinement's finer prior has its own
+    # key, refine.prior_photos.
+    prior_photos: str = "volume"
     # What view-dependent conditioning gives the synthetic prior: "camera" (the render's camera direction:
     # each prompt's prior_camera_neighbours photos nearest it, as a camera-conditioned model such as
     # Zero-1-to-3 or MVDream sees a view) or "view_label" (front/side/back/overhead, as a text-to-image
@@ -256,6 +266,7 @@ class GuidanceConfig:
         _in_range(self, "prior_views", 8, 4096)
         _in_range(self, "front_bias", 0.0, 1.0)
         _in_range(self, "prior_backdrop", 0.0, 1.0)
+        _choice(self, "prior_photos", PRIOR_PHOTO_KINDS)
         _choice(self, "prior_conditioning", ("view_label", "camera"))
         _in_range(self, "prior_mean_warmup_fraction", 0.0, 1.0)
         if not 1 <= self.prior_camera_neighbours <= self.prior_views:
@@ -314,17 +325,24 @@ class RefineConfig:
 
     iterations: int = 0
     resolution: int = 64  # the rendered side in pixels (and, on the synthetic prior, its photos')
+    # The synthetic prior's photos for this stage (as guidance.prior_photos): the true surface, sphere-traced,
+    # so that a mesh can learn where the surface is rather than the soft volume's grown silhouette.
+    prior_photos: str = "surface"
     batch_size: int = 4
     grid_resolution: int = 64  # cubes a side of the tetrahedral grid (six tetrahedra each)
-    # The stage-1 density at which the SDF starts at zero: the surface the refinement starts from.
-    sdf_threshold: float = 3.0
+    # The surface the refinement starts from. 0: where the stage-1 field's renders show it (their depth maps
+    # fused: dreamfusion.refine.fit_grid); above 0: the stage-1 density's isosurface at that level, as the
+    # anchors start (stable-dreamfusion 10, threestudio 25).
+    sdf_threshold: float = 0.0
     # The SDF is a distance in grid cells (``dreamfusion.refine.signed_distance_in_cells``): 0.1 moves the
     # surface up to a tenth of a cell a step. At 0.2 with normal consistency 0.01 the house's silhouette
     # follows its photos further but the ball's surface roughens (docs/benchmarks/quality_refine.md).
     lr_sdf: float = 0.1
     lr_deform: float = 0.01
     lr_texture: float = 0.002  # the field's hash grid and MLPs, which carry on as the texture
-    lambda_normal_consistency: float = 0.1
+    # From the fused surface the SDS steps roughen a curved face: at 0.1 the red ball's normal error rises
+    # from 3.7° to 5.4° in 100 steps, at 1 it falls to 3.0°.
+    lambda_normal_consistency: float = 1.0
     lambda_laplacian: float = 0.0
     t_min: float = 0.02
     t_max: float = 0.5
@@ -335,13 +353,14 @@ class RefineConfig:
         _in_range(self, "resolution", 16, 2048)
         _in_range(self, "batch_size", 1, 256)
         _in_range(self, "grid_resolution", 8, 256)
-        _positive(self, "sdf_threshold", "lr_sdf", "lr_deform")
-        _non_negative(self, "lr_texture", "lambda_normal_consistency", "lambda_laplacian")
+        _positive(self, "lr_sdf", "lr_deform")
+        _non_negative(self, "sdf_threshold", "lr_texture", "lambda_normal_consistency", "lambda_laplacian")
         _in_range(self, "t_min", 0.0, 1.0)
         _in_range(self, "t_max", 0.0, 1.0)
         if self.t_min >= self.t_max:
             raise UserInputError(f"refine.t_min ({self.t_min}) must be below refine.t_max ({self.t_max})")
         _choice(self, "visibility", ("auto", "embree", "torch"))
+        _choice(self, "prior_photos", PRIOR_PHOTO_KINDS)
 
 
 @dataclass

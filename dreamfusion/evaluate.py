@@ -114,17 +114,17 @@ def evaluate_views(views: ViewRenderer, prompt: str, prior: SyntheticPrior, reso
 
 
 @lru_cache(maxsize=16)
-def photos_surface_offset(prompt: str, resolution: int = EVAL_RESOLUTION) -> float:
-    """How far outside the true surface the prior's photos show ``prompt``'s object, as a share of its bounding
-    radius: the offset δ of the level set ``sdf = δ`` whose silhouettes at the held-out cameras cover as many
-    pixels as the photos' (opacity above one half).
+def photos_surface_offset(prompt: str, resolution: int = EVAL_RESOLUTION, photos: str = "volume") -> float:
+    """How far outside the true surface the prior's photos (drawn as ``photos`` says) show ``prompt``'s object,
+    as a share of its bounding radius: the offset δ of the level set ``sdf = δ`` whose silhouettes at the
+    held-out cameras cover as many pixels as the photos' (opacity above one half).
 
-    The photos are volume renders of a soft density around the surface (VolSDF's, ``SDFField``), opaque a few
-    of its widths outside it on rays that graze it. A result that reproduced the photos exactly would lie
-    about δ from the true surface, so its Chamfer (a share of the same radius) would be about δ: what
-    learning these photos well gives, not the truth."""
+    Volume photos render a soft density around the surface (VolSDF's, ``SDFField``), opaque a few of its
+    widths outside it on rays that graze it. A result that reproduced the photos exactly would lie about δ
+    from the true surface, so its Chamfer (a share of the same radius) would be about δ: what learning these
+    photos well gives, not the truth. Surface photos show the surface itself (δ ≈ 0)."""
     cameras = held_out_cameras()
-    _, opacity = render_ground_truth(find_object(prompt), cameras, resolution)
+    _, opacity = render_ground_truth(find_object(prompt), cameras, resolution, photos=photos)
     pixels = float((opacity > 0.5).sum())
     low, high = -0.1, 0.1
     for _ in range(16):  # about 3e-6 in the end; the pixel count grows with the offset

@@ -24,8 +24,8 @@ import trimesh
 from scipy.spatial import cKDTree
 from skimage import measure
 
-from dreamfusion.cameras import CameraBatch, generate_rays
-from dreamfusion.prior.shapes import SyntheticObject, find_object
+from dreamfusion.cameras import CameraBatch
+from dreamfusion.prior.shapes import SyntheticObject, find_object, sdf_gradient, sphere_trace
 
 GEOMETRY_METRICS = ("chamfer", "fscore", "normal_error_deg")
 # Lower is better for these; the rest of the quality metrics grow with quality.
@@ -78,22 +78,11 @@ def sample_surface(mesh: trimesh.Trimesh, count: int, seed: int = 0) -> np.ndarr
     return a + u[:, None] * (b - a) + v[:, None] * (c - a)
 
 
-def _sdf_gradient(obj: SyntheticObject, points: torch.Tensor, step: float = 1e-5
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SDF and its gradient by central differences: some SDFs here clamp a square under a square root,
-    so autograd gives a zero gradient within 1e-6 of their surface, where the normals are wanted."""
-    with torch.no_grad():
-        offsets = torch.eye(3, dtype=points.dtype) * step
-        ahead = torch.stack([obj.sdf(points + offsets[axis]) for axis in range(3)], dim=-1)
-        behind = torch.stack([obj.sdf(points - offsets[axis]) for axis in range(3)], dim=-1)
-        return obj.sdf(points), (ahead - behind) / (2.0 * step)
-
-
 def project_to_surface(obj: SyntheticObject, points: np.ndarray, iterations: int = 3) -> np.ndarray:
     """Newton steps onto the SDF's zero set: points near the surface land on it."""
     p = torch.from_numpy(np.asarray(points, dtype=np.float64))
     for _ in range(iterations):
-        value, gradient = _sdf_gradient(obj, p)
+        value, gradient = sdf_gradient(obj, p)
         p = p - (value / (gradient * gradient).sum(-1).clamp_min(1e-12))[:, None] * gradient
     return p.numpy()
 
@@ -164,39 +153,11 @@ def fscore(to_truth: np.ndarray, to_mesh: np.ndarray, threshold: float) -> float
     return 0.0 if precision + recall == 0 else 2.0 * precision * recall / (precision + recall)
 
 
-def _sphere_trace(obj: SyntheticObject, cameras: CameraBatch, resolution: int, offset: float = 0.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each pixel's ray marched onto the level set ``sdf = offset``: the rays' points ``[P, 3]`` where they
-    stopped and which of them hit ``[P]``."""
-    origins, directions = generate_rays(cameras.to("cpu"), resolution)
-    o, d = origins.reshape(-1, 3).double(), directions.reshape(-1, 3).double()
-    # Start where the ray enters the sphere that holds every object (the unit sphere) and the offset.
-    reach = 1.0 + max(offset, 0.0)
-    b = (o * d).sum(-1)
-    disc = b * b - ((o * o).sum(-1) - reach * reach)
-    root = disc.clamp_min(0.0).sqrt()
-    t, far = (-b - root).clamp_min(0.0), -b + root
-    active = disc > 0
-    hit = torch.zeros_like(active)
-    with torch.no_grad():
-        for _ in range(512):
-            index = active.nonzero().squeeze(1)
-            if index.numel() == 0:
-                break
-            distance = obj.sdf(o[index] + t[index, None] * d[index]) - offset
-            arrived = distance < 1e-5
-            hit[index[arrived]] = True
-            # 0.9: some SDFs here (the ellipsoid, intersections) are bounds, not exact distances.
-            t[index] += 0.9 * distance.clamp_min(0.0)
-            active[index[arrived | (t[index] > far[index])]] = False
-    return o + t[:, None] * d, hit
-
-
 def _trace_normals(obj: SyntheticObject, cameras: CameraBatch, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    points, hit = _sphere_trace(obj, cameras, resolution)
+    points, hit = sphere_trace(obj, cameras, resolution)
     normals = torch.zeros_like(points)
     if hit.any():
-        _, gradient = _sdf_gradient(obj, points[hit])
+        _, gradient = sdf_gradient(obj, points[hit])
         normals[hit] = gradient / gradient.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     count = len(cameras)
     return (normals.float().reshape(count, resolution, resolution, 3).permute(0, 3, 1, 2),
@@ -206,7 +167,7 @@ def _trace_normals(obj: SyntheticObject, cameras: CameraBatch, resolution: int) 
 def level_set_silhouettes(prompt: str, cameras: CameraBatch, resolution: int, offset: float) -> torch.Tensor:
     """``[B, 1, R, R]``: the pixels whose rays meet the object grown by ``offset`` (its SDF's level set
     ``sdf = offset``; negative: shrunk)."""
-    _, hit = _sphere_trace(find_object(prompt), cameras, resolution, offset)
+    _, hit = sphere_trace(find_object(prompt), cameras, resolution, offset)
     return hit.float().reshape(len(cameras), 1, resolution, resolution)
 
 

@@ -258,12 +258,13 @@ class Trainer:
 
     def _refine_guidance(self) -> Guidance:
         """The guidance of stage 2: the same model; on the synthetic prior, its photos at the refinement's
-        resolution, so the finer renders are judged at their own detail."""
+        resolution and of ``refine.prior_photos``' kind, so the finer renders are judged at their own detail."""
         cfg = self.config
-        if cfg.guidance.backend != "synthetic" or cfg.guidance.prior_resolution == cfg.refine.resolution:
-            return self.guidance
         finer = copy.deepcopy(cfg)
         finer.guidance.prior_resolution = cfg.refine.resolution
+        finer.guidance.prior_photos = cfg.refine.prior_photos
+        if cfg.guidance.backend != "synthetic" or finer.guidance == cfg.guidance:
+            return self.guidance
         return make_guidance(finer, self._cache_dir, self._text_cache).to(self.device)
 
     @property

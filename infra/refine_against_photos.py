@@ -1,8 +1,9 @@
 """Separates what limits the refinement stage on the synthetic prior: the stage itself, or the prior's
 photos. Trains stage 1 once, then runs the same refinement from it twice: under SDS as usual, and with the
-SDS loss replaced by an L2 loss to the true photo at each render's own camera (an oracle no diffusion model
-is). If the oracle run moves the surface and SDS does not, the stage can follow its supervision and the
-prior's photos (from other cameras, grown by the photos' offset) are what hold it back.
+SDS loss replaced by an L2 loss to the true photo (of ``refine.prior_photos``' kind) at each render's own
+camera (an oracle no diffusion model is). If the oracle run moves the surface and SDS does not, the stage can
+follow its supervision and the prior's photos (from other cameras; grown by the photos' offset when they are
+volume renders) are what hold it back.
 
     python3 infra/refine_against_photos.py "a house with a red door" [--set KEY=VALUE ...]
 
@@ -42,7 +43,8 @@ def refine(config: Config, stage1: dict, oracle: bool) -> dict[str, float]:
         return drawn["cameras"]
 
     def photo_loss(guidance, images, views, sds_config, progress, generator, textureless=False):
-        truth, _ = render_ground_truth(obj, drawn["cameras"], images.shape[-1], textureless=textureless)
+        truth, _ = render_ground_truth(obj, drawn["cameras"], images.shape[-1], textureless=textureless,
+                                       photos=config.refine.prior_photos)
         return SDSResult(2.0 * ((images - truth.to(images)) ** 2).sum() / images.shape[0], 0.0, 0.0)
 
     with (mock.patch.object(trainer_module, "sample_cameras", draw_and_keep),

@@ -189,3 +189,43 @@ def test_mean_warmup_answers_with_each_conditions_mean_photo_whatever_the_render
     after, _, _ = guidance.predictions(noisy, alpha_bar, views, 7.5, progress=0.25)
     masks = prior.candidates(prompt_index("a house with a red door"), views, 2, colour)
     torch.testing.assert_close(after, prior.posterior_mean(noisy, alpha_bar, masks))
+
+
+def test_surface_photos_show_the_true_surface_sharply_and_shade_it_as_the_volume_photos_do():
+    """Sphere-traced photos: their silhouettes are the SDF's zero set (no offset, where the volume photos show
+    the ball grown by ~5% of its radius), their edges are antialiased coverage, and a fully covered pixel has
+    the colour of the volume photo's at the same camera."""
+    from dreamfusion.evaluate import photos_surface_offset
+    from dreamfusion.geometry import level_set_silhouettes
+    from dreamfusion.prior.synthetic import render_surface_photos
+
+    assert abs(photos_surface_offset("a red ball", 32, photos="surface")) < 0.005
+    assert photos_surface_offset("a red ball", 32) > 0.03
+    ball = find_object("a red ball")
+    cameras = held_out_cameras().slice(0, 3)
+    colour, textureless, coverage = render_surface_photos(ball, cameras, 32)
+    bare = level_set_silhouettes("a red ball", cameras, 32, 0.0) > 0.5
+    covered = coverage > 0.5
+    assert float((bare & covered).sum() / (bare | covered).sum()) > 0.97
+    # Partly covered pixels exist, and only along the silhouette's edge.
+    partial = (coverage > 0.05) & (coverage < 0.95)
+    solid = bare.float()
+    dilated, eroded = torch.nn.functional.max_pool2d(solid, 3, 1, 1), -torch.nn.functional.max_pool2d(-solid, 3, 1, 1)
+    edge = dilated > eroded
+    assert partial.any() and not (partial & ~edge).any()
+    volume, opacity = render_ground_truth(ball, cameras, 32)
+    inside = ((coverage == 1.0) & (opacity > 0.999)).expand_as(colour)
+    assert float((colour[inside] - volume[inside]).abs().mean()) < 0.02
+    flat, _ = render_ground_truth(ball, cameras, 32, textureless=True, photos="surface")
+    torch.testing.assert_close(flat, textureless)
+    outside = (coverage == 0.0).expand_as(colour)
+    assert torch.allclose(colour[outside], torch.tensor(0.5))
+
+
+def test_surface_photos_are_their_own_prior_and_the_volume_photos_keep_their_cache():
+    surface = PriorSpec(resolution=16, views=8, photos="surface")
+    assert surface.cache_key() != PriorSpec(resolution=16, views=8).cache_key()
+    images = load_or_build_images(surface)["images"]
+    assert images.shape == (len(OBJECTS) * 2 * 8, 3, 16, 16)
+    # The volume photos' key is the one they had before photos had a kind (at f3868ac): those caches stay valid.
+    assert PriorSpec().cache_key() == "b7c1fb060847d475"

@@ -107,9 +107,22 @@ def test_refinement_settings_are_validated():
     from dreamfusion.errors import UserInputError
 
     for bad, message in (("refine.t_min=0.6", "refine.t_min"), ("refine.grid_resolution=4", "grid_resolution"),
-                         ("refine.visibility=opengl", "refine.visibility"), ("refine.iterations=-1", "iterations")):
+                         ("refine.visibility=opengl", "refine.visibility"), ("refine.iterations=-1", "iterations"),
+                         ("refine.prior_photos=mesh", "refine.prior_photos"),
+                         ("guidance.prior_photos=sharp", "guidance.prior_photos")):
         with pytest.raises(UserInputError, match=message):
             apply_overrides(tiny_config(), [bad]).validate()
+
+
+def test_the_refinement_is_judged_by_photos_of_the_true_surface_at_its_own_resolution():
+    trainer = Trainer(refining(1, 1, "refine.resolution=24"))
+    trainer.train()
+    spec = trainer.refine_guidance.prior.spec
+    assert (spec.photos, spec.resolution) == ("surface", 24)
+    assert trainer.guidance.prior.spec.photos == "volume"  # stage 1's photos are unchanged
+    same = Trainer(refining(1, 1, "refine.prior_photos=volume"))
+    same.train()
+    assert same.refine_guidance is same.guidance  # nothing differs: the stage-1 prior serves both stages
 
 
 def test_a_visibility_backend_the_machine_lacks_is_refused_before_training(monkeypatch):

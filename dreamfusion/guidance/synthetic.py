@@ -37,7 +37,7 @@ class SyntheticGuidance(Guidance):
     def __init__(self, config: Config, cache_dir: Path | None = None, prior: SyntheticPrior | None = None) -> None:
         self.prompt_id = prompt_index(config.prompt)
         g = config.guidance
-        spec = PriorSpec(g.prior_resolution, g.prior_views, g.front_bias, g.prior_backdrop)
+        spec = PriorSpec(g.prior_resolution, g.prior_views, g.front_bias, g.prior_backdrop, g.prior_photos)
         self.prior = prior or SyntheticPrior(spec, config.camera, cache_dir)
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
         self.camera_neighbours = g.prior_camera_neighbours if g.prior_conditioning == "camera" else 0

@@ -1,4 +1,5 @@
-"""Procedural objects of the synthetic prior: analytic signed distances with albedo functions.
+"""Procedural objects of the synthetic prior: analytic signed distances with albedo functions, and sphere
+tracing onto their surfaces.
 
 Each object is a ``RadianceField`` (density from the SDF, VolSDF-style), so ground truth is drawn by
 the very renderer that draws the NeRF. Objects sit inside the unit sphere, y up, front towards +z.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dreamfusion.cameras import CameraBatch, generate_rays
 from dreamfusion.config import GuidanceConfig
 from dreamfusion.errors import UserInputError
 from dreamfusion.field import RadianceField
@@ -217,3 +219,42 @@ class SDFField(RadianceField):
 
     def background(self, directions: Tensor) -> Tensor:
         return torch.full_like(directions, self.background_value)
+
+
+def sdf_gradient(obj: SyntheticObject, points: torch.Tensor, step: float = 1e-5
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SDF and its gradient by central differences: some SDFs here clamp a square under a square root,
+    so autograd gives a zero gradient within 1e-6 of their surface, where the normals are wanted."""
+    with torch.no_grad():
+        offsets = torch.eye(3, dtype=points.dtype) * step
+        ahead = torch.stack([obj.sdf(points + offsets[axis]) for axis in range(3)], dim=-1)
+        behind = torch.stack([obj.sdf(points - offsets[axis]) for axis in range(3)], dim=-1)
+        return obj.sdf(points), (ahead - behind) / (2.0 * step)
+
+
+def sphere_trace(obj: SyntheticObject, cameras: CameraBatch, resolution: int, offset: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's ray marched onto the level set ``sdf = offset``: the rays' points ``[P, 3]`` where they
+    stopped and which of them hit ``[P]``."""
+    origins, directions = generate_rays(cameras.to("cpu"), resolution)
+    o, d = origins.reshape(-1, 3).double(), directions.reshape(-1, 3).double()
+    # Start where the ray enters the sphere that holds every object (the unit sphere) and the offset.
+    reach = 1.0 + max(offset, 0.0)
+    b = (o * d).sum(-1)
+    disc = b * b - ((o * o).sum(-1) - reach * reach)
+    root = disc.clamp_min(0.0).sqrt()
+    t, far = (-b - root).clamp_min(0.0), -b + root
+    active = disc > 0
+    hit = torch.zeros_like(active)
+    with torch.no_grad():
+        for _ in range(512):
+            index = active.nonzero().squeeze(1)
+            if index.numel() == 0:
+                break
+            distance = obj.sdf(o[index] + t[index, None] * d[index]) - offset
+            arrived = distance < 1e-5
+            hit[index[arrived]] = True
+            # 0.9: some SDFs here (the ellipsoid, intersections) are bounds, not exact distances.
+            t[index] += 0.9 * distance.clamp_min(0.0)
+            active[index[arrived | (t[index] > far[index])]] = False
+    return o + t[:, None] * d, hit

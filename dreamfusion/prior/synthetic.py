@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load, save_file
 
 from dreamfusion.cameras import (
@@ -29,14 +30,16 @@ from dreamfusion.cameras import (
     view_label,
 )
 from dreamfusion.config import CameraConfig, GuidanceConfig
-from dreamfusion.prior.shapes import OBJECTS, SDFField, SyntheticObject, find_object
-from dreamfusion.renderer import Shading, render_batched
+from dreamfusion.prior.shapes import OBJECTS, SDFField, SyntheticObject, find_object, sdf_gradient, sphere_trace
+from dreamfusion.renderer import Shading, render_batched, shade
 
 log = logging.getLogger(__name__)
 
 # How the prior's "photos" are lit: a light at the camera. Training's default shading matches it.
 PHOTO_SHADING = Shading("lambertian", ambient=0.3, diffuse=0.7, textureless_albedo=0.75)
 GROUND_TRUTH_SAMPLES = 160
+SURFACE_SUPERSAMPLING = 3  # rays a pixel side in the surface photos
+_SURFACE_CAMERAS_AT_ONCE = 16
 _CACHE_FORMAT = 1
 # The prior's own camera distribution, independent of any run's camera settings: a diffusion
 # model's training photos do not change with the user's config either.
@@ -49,12 +52,50 @@ def default_cache_dir() -> Path:
 
 def render_ground_truth(
     obj: SyntheticObject, cameras: CameraBatch, resolution: int, textureless: bool = False,
-    backdrop: float = GuidanceConfig.prior_backdrop,
+    backdrop: float = GuidanceConfig.prior_backdrop, photos: str = "volume",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Colour (or textureless) images ``[B, 3, R, R]`` and opacity ``[B, 1, R, R]`` of an object."""
+    """Colour (or textureless) images ``[B, 3, R, R]`` and opacity ``[B, 1, R, R]`` of an object, drawn as
+    ``photos`` says (``dreamfusion.config.PRIOR_PHOTO_KINDS``)."""
+    if photos == "surface":
+        colour, flat, coverage = render_surface_photos(obj, cameras, resolution, backdrop)
+        return (flat if textureless else colour), coverage
     shading = replace(PHOTO_SHADING, mode="textureless" if textureless else "lambertian")
     out = render_batched(SDFField(obj, background=backdrop), cameras, resolution, GROUND_TRUTH_SAMPLES, shading)
     return out.rgb.clamp(0, 1), out.opacity
+
+
+@torch.no_grad()
+def render_surface_photos(obj: SyntheticObject, cameras: CameraBatch, resolution: int,
+                          backdrop: float = GuidanceConfig.prior_backdrop
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Colour and textureless images ``[B, 3, R, R]`` and coverage ``[B, 1, R, R]`` of the object's true
+    surface: ``SURFACE_SUPERSAMPLING``² rays a pixel sphere-traced onto ``sdf = 0``, shaded with the SDF's
+    normal and the object's albedo as the volume photos are, and averaged (a box filter: edges antialiased
+    as a rasterizer's coverage is)."""
+    fine = resolution * SURFACE_SUPERSAMPLING
+    colours, flats, coverages = [], [], []
+    for start in range(0, len(cameras), _SURFACE_CAMERAS_AT_ONCE):
+        part = cameras.slice(start, start + _SURFACE_CAMERAS_AT_ONCE).to("cpu")
+        points, hit = sphere_trace(obj, part, fine)
+        _, gradient = sdf_gradient(obj, points[hit])
+        normals = (gradient / gradient.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
+        pixels_per_camera = fine * fine
+        light = part.light_directions.float().repeat_interleave(pixels_per_camera, dim=0)[hit]
+        albedo = obj.albedo(points[hit].float()).float()
+        for mode, out in (("lambertian", colours), ("textureless", flats)):
+            shaded = shade(albedo, normals, light, replace(PHOTO_SHADING, mode=mode)).clamp(0, 1)
+            out.append(_pixels(shaded, hit, backdrop, len(part), fine))
+        coverages.append(_pixels(torch.ones(int(hit.sum()), 1), hit, 0.0, len(part), fine))
+    device = cameras.positions.device
+    return (torch.cat(colours).to(device), torch.cat(flats).to(device), torch.cat(coverages).to(device))
+
+
+def _pixels(values: torch.Tensor, hit: torch.Tensor, fill: float, cameras: int, fine: int) -> torch.Tensor:
+    """``[B, C, R, R]`` images from the ``values`` of the supersampled rays that ``hit``, ``fill`` elsewhere."""
+    full = torch.full((len(hit), values.shape[-1]), fill)
+    full[hit] = values
+    full = full.reshape(cameras, fine, fine, -1).permute(0, 3, 1, 2)
+    return F.avg_pool2d(full, SURFACE_SUPERSAMPLING)
 
 
 def prior_cameras(object_index: int, views: int, front_bias: float) -> CameraBatch:
@@ -79,16 +120,22 @@ class PriorSpec:
     views: int = GuidanceConfig.prior_views
     front_bias: float = GuidanceConfig.front_bias
     backdrop: float = GuidanceConfig.prior_backdrop  # grey behind the objects in the photos and the ground truth
+    photos: str = GuidanceConfig.prior_photos  # how the photos are drawn: one of PRIOR_PHOTO_KINDS
 
     def cache_key(self) -> str:
+        spec = asdict(self)
         payload = {
             "format": _CACHE_FORMAT,
-            "spec": asdict(self),
+            "spec": spec,
             "cameras": asdict(PRIOR_CAMERAS),
             "shading": asdict(PHOTO_SHADING),
             "samples": GROUND_TRUTH_SAMPLES,
             "prompts": [obj.prompt for obj in OBJECTS],
         }
+        if self.photos == "volume":
+            del spec["photos"]  # the key volume photos had before surface photos existed: caches stay valid
+        else:
+            payload["supersampling"] = SURFACE_SUPERSAMPLING
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -105,9 +152,14 @@ def load_or_build_images(spec: PriorSpec, cache_dir: Path | None = None) -> dict
     images, prompt_ids, azimuths, elevations, textureless = [], [], [], [], []
     for index, obj in enumerate(OBJECTS):
         cameras = prior_cameras(index, spec.views, spec.front_bias)
+        if spec.photos == "surface":  # one trace draws both kinds
+            colour, flat_colour, _ = render_surface_photos(obj, cameras, spec.resolution, spec.backdrop)
+            kinds = {False: colour, True: flat_colour}
+        else:
+            kinds = {flat: render_ground_truth(obj, cameras, spec.resolution, flat, spec.backdrop)[0]
+                     for flat in (False, True)}
         for flat in (False, True):
-            rgb, _ = render_ground_truth(obj, cameras, spec.resolution, textureless=flat, backdrop=spec.backdrop)
-            images.append(rgb.to(torch.float16))
+            images.append(kinds[flat].to(torch.float16))
             prompt_ids.append(torch.full((spec.views,), index))
             azimuths.append(cameras.azimuth_degrees)
             elevations.append(cameras.elevation_degrees)
