@@ -241,7 +241,7 @@ class Trainer:
         """Build the mesh stage from the field; False (with a warning) when the scene is empty."""
         cfg = self.config
         try:
-            refiner = MeshRefiner.from_field(self.field, cfg.refine)
+            refiner = MeshRefiner.from_field(self.field, cfg.refine, cfg.export.density_threshold)
         except EmptySceneError as exc:
             self.warnings.append(f"refinement skipped: {exc}")
             return False
