@@ -340,8 +340,7 @@ class RefineConfig:
     lr_sdf: float = 0.1
     lr_deform: float = 0.01
     lr_texture: float = 0.002  # the field's hash grid and MLPs, which carry on as the texture
-    # From the fused surface the SDS steps roughen a curved face: at 0.1 the red ball's normal error rises
-    # from 3.7° to 5.4° in 100 steps, at 1 it falls to 3.0°.
+    # At 0.1 the SDS steps roughen a curved face that starts smooth from the fused surface (the red ball).
     lambda_normal_consistency: float = 1.0
     lambda_laplacian: float = 0.0
     t_min: float = 0.02

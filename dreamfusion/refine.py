@@ -98,10 +98,10 @@ class DepthMaps:
         empty puts it outside; one whose ray stops more than ``truncation`` before it says nothing of it; a
         point no camera says anything of is inside.
 
-        A soft surface stops oblique rays early (they cross more of it per unit depth): on the analytic ball as
-        a VolSDF field the fused zero set lies 0.009 (1.7% of the radius) outside the sphere. Weighting cameras
-        by how squarely they see the surface (cos⁴) brings that to 0.001 there but puts trained fields' surfaces
-        inside theirs (the red ball's Chamfer 0.014 against 0.012 unweighted, 2026-12-04)."""
+        A soft surface stops oblique rays early (they cross more of it per unit depth), so on the analytic ball as
+        a VolSDF field the fused zero set lies a little outside the sphere (within 2% of its radius:
+        ``tests/test_refine.py``). Weighting cameras by how squarely they see the surface removes that there but
+        puts trained fields' surfaces inside theirs, whose head-on rays stop deeper than VolSDF's."""
         total = torch.zeros(len(points), device=points.device)
         weight = torch.zeros(len(points), device=points.device)
         for start in range(0, len(points), _CHUNK):
@@ -160,8 +160,9 @@ def fit_grid(field: RadianceField, config: RefineConfig, surface_density: float)
 
     A soft field's density has no level that is its surface everywhere: the anchors' fixed thresholds
     (stable-dreamfusion 10, threestudio 25) give a mesh grown or eroded by a cell or more depending on how
-    sharp stage 1 made each part (threestudio #45, #52, #311). On the red ball after stage 1 the isosurface at
-    3 lies 6.6% of the radius outside the truth, at 30 3.5% inside; the fused depth lies 1.2% from it."""
+    sharp stage 1 made each part (threestudio #45, #52, #311): the level that puts one object's surface where
+    its renders show it erodes another's thin parts. Where the rays stop is what the photos taught the field,
+    whatever the density's scale (``docs/benchmarks/quality_refine.md``)."""
     device = module_device(field)
     threshold = config.sdf_threshold
     coarse = tet_grid(64).vertices.to(device)

@@ -6,24 +6,20 @@ object is larger than the SDF's"): the IoU of the exact (sphere-traced) silhouet
 """
 
 from dreamfusion.config import ExportConfig
-from dreamfusion.evaluate import EVAL_RESOLUTION, held_out_cameras, silhouette_iou
-from dreamfusion.geometry import mesh_accuracy, true_normals
+from dreamfusion.evaluate import truth_silhouette_iou
+from dreamfusion.geometry import mesh_accuracy
 from dreamfusion.mesh import extract_mesh
 from dreamfusion.prior.shapes import OBJECTS, SDFField
-from dreamfusion.prior.synthetic import render_ground_truth
 
 
 def main() -> None:
-    cameras = held_out_cameras()
     print("| object | IoU of the exact silhouette against the photos' | Chamfer of the photos' field meshed at "
           f"density {ExportConfig.density_threshold:g} | F-score @2% |")
     print("|---|---|---|---|")
     for obj in OBJECTS:
-        _, photos = render_ground_truth(obj, cameras, EVAL_RESOLUTION)
-        _, exact = true_normals(obj.prompt, cameras, EVAL_RESOLUTION)
         mesh = extract_mesh(SDFField(obj), ExportConfig.mesh_resolution, ExportConfig.density_threshold)
         accuracy = mesh_accuracy(obj.prompt, mesh)
-        print(f"| {obj.prompt} | {silhouette_iou(exact, photos):.3f} | {accuracy['chamfer']:.4f} | "
+        print(f"| {obj.prompt} | {truth_silhouette_iou(obj.prompt):.3f} | {accuracy['chamfer']:.4f} | "
               f"{accuracy['fscore']:.3f} |", flush=True)
 
 

@@ -47,11 +47,13 @@ def test_the_side_by_side_table_holds_both_stages_ratios_and_the_photos_offset(t
         return {**refined, "stage1": {**fake_metrics(prompt, overrides, iterations), "chamfer": 0.06}}
 
     monkeypatch.setattr(benchmarks, "_train_and_evaluate", train)
-    monkeypatch.setattr(benchmarks, "photos_surface_offset", lambda prompt: 0.0487)
+    monkeypatch.setattr(benchmarks, "photos_surface_offset", lambda prompt, photos: 0.0487 if photos == "volume" else 0)
+    monkeypatch.setattr(benchmarks, "truth_silhouette_iou", lambda prompt: 0.9)
     benchmarks.quality(tmp_path, prompts=["a red ball"], ablations=False, settings=["refine.iterations=2"])
     table = (tmp_path / "quality.md").read_text()
     assert "| a red ball | 0.0600 | 0.0300 | 0.50 | 0.0487 |" in table
-    assert "| photos' offset |" in table and "| 1 | 3 | 3.00 |" in table
+    assert "| photos' offset |" in table and "| 1 | 3 | 3.00 |" in table and "| IoU of the truth |" in table
+    assert "| 0.900 |" in table
 
 
 def test_a_table_rewritten_without_new_runs_keeps_the_machine_that_measured_them(tmp_path, monkeypatch):
