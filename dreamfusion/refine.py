@@ -1,7 +1,7 @@
 """Stage 2, the mesh (Magic3D's fine stage; stable-dreamfusion's ``--dmtet``, threestudio's ``*-refine``).
 
-The stage-1 field's density where its renders show the surface (or ``refine.sdf_threshold``) sets the initial
-SDF of a deformable tetrahedral grid (``dreamfusion.dmtet``); each step extracts the mesh by marching
+The surface where the stage-1 field's renders show it (or its density's isosurface at ``refine.sdf_threshold``)
+sets the initial SDF of a deformable tetrahedral grid (``dreamfusion.dmtet``); each step extracts the mesh by marching
 tetrahedra, rasterizes it (``dreamfusion.rasterizer``) at ``refine.resolution``, colours it with the field's
 albedo at the surface points (the hash grid carries on as the texture), shades it as stage 1 does, and applies
 the same SDS loss, plus normal-consistency and Laplacian regularisers on the mesh.
