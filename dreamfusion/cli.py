@@ -179,7 +179,10 @@ def find_runs(directories: list[Path]) -> list[Path]:
 
 
 def best_per_prompt(runs: list[Path], metric: str) -> list[Path]:
-    """Each prompt's run with the highest ``metric``."""
+    """Each prompt's run with the best ``metric``: the lowest where lower is better (chamfer), else the highest."""
+    from dreamfusion.evaluate import LOWER_IS_BETTER
+
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     best: dict[str, tuple[float, Path]] = {}
     for run in runs:
         summary = json.loads((run / "summary.json").read_text())
@@ -187,8 +190,8 @@ def best_per_prompt(runs: list[Path], metric: str) -> list[Path]:
         if value is None:
             raise UserInputError(f"{run} has no metric '{metric}' (it has {', '.join(summary['metrics'])}); "
                                  "pick one of those for --best")
-        if summary["prompt"] not in best or value > best[summary["prompt"]][0]:
-            best[summary["prompt"]] = (value, run)
+        if summary["prompt"] not in best or sign * value > best[summary["prompt"]][0]:
+            best[summary["prompt"]] = (sign * value, run)
     return [run for _, run in best.values()]
 
 
@@ -241,7 +244,8 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = (), benchmarks: S
     gallery.add_argument("dirs", nargs="+", help="run directories, or a sweep's workspace (searched for runs)")
     gallery.add_argument("--out", required=True, help="the PNG to write")
     gallery.add_argument("--best", metavar="METRIC",
-                         help="keep each prompt's run with the highest METRIC (e.g. silhouette_iou)")
+                         help="keep each prompt's run with the best METRIC (chamfer: the lowest; "
+                              "silhouette_iou: the highest)")
     gallery.set_defaults(func=_cmd_gallery)
     for extend in extensions:
         extend(sub)

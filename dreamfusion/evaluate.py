@@ -28,6 +28,8 @@ from dreamfusion.renderer import OccupancyGrid, RenderOutput, Shading, ViewRende
 
 EVAL_RESOLUTION = ExportConfig.eval_resolution
 EVAL_SAMPLES = ExportConfig.eval_samples_per_ray
+# The metrics a run reports that fall as it improves; every other one grows.
+LOWER_IS_BETTER = ("loss", "sds_loss", "janus_rate", "chamfer", "normal_error_deg")
 
 
 def held_out_cameras() -> CameraBatch:

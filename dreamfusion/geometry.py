@@ -28,8 +28,6 @@ from dreamfusion.cameras import CameraBatch
 from dreamfusion.prior.shapes import SyntheticObject, find_object, sdf_gradient, sphere_trace
 
 GEOMETRY_METRICS = ("chamfer", "fscore", "normal_error_deg")
-# Lower is better for these; the rest of the quality metrics grow with quality.
-LOWER_IS_BETTER = ("chamfer", "normal_error_deg")
 # The F-score's distance threshold, as a share of the object's bounding radius (about 0.012 for the
 # objects here: half a cell of the default 96³ export grid).
 FSCORE_THRESHOLD = 0.02

@@ -17,7 +17,8 @@ import yaml
 from dreamfusion.clip_eval import CLIP_METRICS, CLIP_SCORES, ranking_prompts, read_prompt_set
 from dreamfusion.config import MAX_PROMPT_CHARS, Config, apply_backend_defaults, flatten_keys, known_keys, set_value
 from dreamfusion.errors import UserInputError
-from dreamfusion.geometry import GEOMETRY_METRICS, LOWER_IS_BETTER
+from dreamfusion.evaluate import LOWER_IS_BETTER
+from dreamfusion.geometry import GEOMETRY_METRICS
 from dreamfusion.guidance import check_config
 from dreamfusion.mesh import MESH_METRICS
 
@@ -460,7 +461,7 @@ def _metric(value: dict[str, Any], section: str, default: str, spec: SweepSpec, 
     if metric in CLIP_SCORES and not spec.clip_model:
         raise _fail(where, f"{section}.metric '{metric}' needs a CLIP model to judge with",
                     "set config: {eval.clip_model: PATH_OR_HUB_ID}, e.g. openai/clip-vit-base-patch32")
-    mode = str(value.get("mode", "min" if metric in ("loss", "sds_loss", "janus_rate", *LOWER_IS_BETTER) else "max"))
+    mode = str(value.get("mode", "min" if metric in LOWER_IS_BETTER else "max"))
     if mode not in ("min", "max"):
         raise _fail(where, f"{section}.mode '{mode}' is unknown", "use max or min")
     return metric, mode

@@ -6,7 +6,7 @@ import sys
 import imageio.v2 as imageio
 import pytest
 
-from dreamfusion.cli import main
+from dreamfusion.cli import best_per_prompt, main
 from dreamfusion.geometry import GEOMETRY_METRICS
 from dreamfusion.pipeline import ARTIFACT_KEYS
 from tests.conftest import TINY
@@ -99,6 +99,19 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_best_per_prompt_takes_the_lowest_where_lower_is_better(tmp_path):
+    runs = []
+    for name, prompt, chamfer, iou in [("a", "a red ball", 0.05, 0.9), ("b", "a red ball", 0.02, 0.8),
+                                       ("c", "a blue cube", 0.03, 0.7)]:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"prompt": prompt, "metrics": {"chamfer": chamfer,
+                                                                                    "silhouette_iou": iou}}))
+        runs.append(run)
+    assert sorted(p.name for p in best_per_prompt(runs, "chamfer")) == ["b", "c"]
+    assert sorted(p.name for p in best_per_prompt(runs, "silhouette_iou")) == ["a", "c"]
+
+
 def test_a_run_that_ends_empty_finishes_without_mesh_and_says_so(tmp_path, capsys):
     out = tmp_path / "empty"
     overrides = [arg for item in [*TINY, "field.blob_density=0"] for arg in ("--set", item)]
