@@ -98,7 +98,6 @@ def test_run_then_eval_end_to_end(tmp_path, capsys):
     assert "no finished run" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.slow
 def test_best_per_prompt_takes_the_lowest_where_lower_is_better(tmp_path):
     runs = []
     for name, prompt, chamfer, iou in [("a", "a red ball", 0.05, 0.9), ("b", "a red ball", 0.02, 0.8),
@@ -112,6 +111,7 @@ def test_best_per_prompt_takes_the_lowest_where_lower_is_better(tmp_path):
     assert sorted(p.name for p in best_per_prompt(runs, "silhouette_iou")) == ["a", "c"]
 
 
+@pytest.mark.slow
 def test_a_run_that_ends_empty_finishes_without_mesh_and_says_so(tmp_path, capsys):
     out = tmp_path / "empty"
     overrides = [arg for item in [*TINY, "field.blob_density=0"] for arg in ("--set", item)]
